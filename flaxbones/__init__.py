@@ -1,0 +1,12 @@
+"""flaxbones: vision backbones and heads as pure Flax Linen modules."""
+from flaxbones import backbones as _backbones  # noqa: F401  (registers the families)
+from flaxbones.features import FeatureInfo
+from flaxbones.models import Classifier
+from flaxbones.registry import (create_backbone, create_model, get_spec, list_backbones,
+                                list_models)
+from flaxbones.weights import load_pretrained
+
+__version__ = "0.1.0"
+
+__all__ = ["Classifier", "FeatureInfo", "create_backbone", "create_model", "get_spec",
+           "list_backbones", "list_models", "load_pretrained"]

@@ -1,0 +1,163 @@
+"""ResNet, ResNeXt and Wide ResNet (torchvision v1.5 layout: stride on the 3x3 conv)."""
+from functools import partial
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
+from flaxbones.layers import BatchNorm, ModuleDef, kaiming_fan_out, max_pool, torch_padding
+from flaxbones.registry import register_variants
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+
+
+def _downsample(x, features, stride, conv, norm):
+    """The 1x1 conv + BN projection shortcut (torch's `downsample.0/.1`)."""
+    x = conv(features, (1, 1), (stride, stride), padding="VALID", name="downsample_conv")(x)
+    return norm(name="downsample_bn")(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs. Dilated like timm: conv1 uses `first_dilation`, conv2 `dilation`."""
+
+    planes: int
+    stride: int = 1
+    first_dilation: int = 1
+    dilation: int = 1
+    groups: int = 1
+    base_width: int = 64
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        if self.groups != 1 or self.base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
+        s, d1, d2 = self.stride, self.first_dilation, self.dilation
+        y = self.conv(self.planes, (3, 3), (s, s), padding=torch_padding(3, s, d1),
+                      kernel_dilation=(d1, d1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.planes, (3, 3), padding=torch_padding(3, 1, d2),
+                      kernel_dilation=(d2, d2), name="conv2")(y)
+        y = self.norm(name="bn2")(y)
+        if s != 1 or x.shape[-1] != self.planes:
+            x = _downsample(x, self.planes, s, self.conv, self.norm)
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, groups, `first_dilation`) -> 1x1 x4, as torchvision."""
+
+    planes: int
+    stride: int = 1
+    first_dilation: int = 1
+    dilation: int = 1
+    groups: int = 1
+    base_width: int = 64
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        width = int(self.planes * (self.base_width / 64.0)) * self.groups
+        out = self.planes * self.expansion
+        s, d = self.stride, self.first_dilation
+        y = nn.relu(self.norm(name="bn1")(self.conv(width, (1, 1), padding="VALID", name="conv1")(x)))
+        y = self.conv(width, (3, 3), (s, s), padding=torch_padding(3, s, d), kernel_dilation=(d, d),
+                      feature_group_count=self.groups, name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.norm(name="bn3")(self.conv(out, (1, 1), padding="VALID", name="conv3")(y))
+        if s != 1 or x.shape[-1] != out:
+            x = _downsample(x, out, s, self.conv, self.norm)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """ResNet backbone returning {C1: stem, C2..C5: layer1..layer4}.
+
+    `output_stride` 8/16/32 dilates the last stages (torchvision semantics, also for
+    basic-block ResNets); `multi_grid` multiplies the last stage's per-block dilation as
+    DeepLab does (e.g. (1, 2, 4)). `axis_name` syncs BatchNorm under `pmap`.
+    """
+
+    block: Any
+    layers: Sequence[int]
+    groups: int = 1
+    width_per_group: int = 64
+    output_stride: int = 32
+    multi_grid: Sequence[int] | None = None
+    out_features: Sequence[str] | None = None
+    bn_epsilon: float = 1e-5
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    # stem conv, max-pool, layer1..layer4
+    def _plans(self):
+        return plan_output_stride((2, 2, 1, 2, 2, 2), self.output_stride)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        plans, stride = self._plans(), 1
+        strides = [stride := stride * p.stride for p in plans]
+        widths = [64] + [w * self.block.expansion for w in (64, 128, 256, 512)]
+        stage_strides = [strides[0]] + strides[2:]
+        infos = [FeatureInfo(f"C{i + 1}", s, c) for i, (s, c) in enumerate(zip(stage_strides, widths))]
+        return select_features(infos, self.out_features)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_images(x)
+        info = self.feature_info
+        if self.multi_grid is not None and len(self.multi_grid) != self.layers[-1]:
+            raise ValueError(f"multi_grid {tuple(self.multi_grid)} needs one entry per block "
+                             f"of the last stage ({self.layers[-1]})")
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=kaiming_fan_out)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
+        x = conv(64, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
+        feats = {"C1": nn.relu(norm(name="bn1")(x))}
+        x = max_pool(feats["C1"], 3, 2, padding=1)
+        plans = self._plans()[2:]
+        for i, (blocks, planes, plan) in enumerate(zip(self.layers, (64, 128, 256, 512), plans)):
+            for j in range(blocks):
+                first, dil = (plan.first_dilation if j == 0 else plan.dilation), plan.dilation
+                if self.multi_grid is not None and i == 3:
+                    first = dil = plan.dilation * self.multi_grid[j]
+                x = self.block(planes, stride=plan.stride if j == 0 else 1, first_dilation=first,
+                               dilation=dil, groups=self.groups, base_width=self.width_per_group,
+                               conv=conv, norm=norm, name=f"layer{i + 1}_{j}")(x)
+            feats[f"C{i + 2}"] = x
+        return {f.name: feats[f.name] for f in info}
+
+
+# torchvision and timm name ResNets identically: conv1, bn1, layerI.J.*, fc.
+TORCH_RESNET = WeightSource(
+    "torchvision",
+    rules=(
+        (r"(conv1|bn1)", r"backbone/\1"),
+        (r"layer(\d)\.(\d+)\.(conv\d|bn\d)", r"backbone/layer\1_\2/\3"),
+        (r"layer(\d)\.(\d+)\.downsample\.0", r"backbone/layer\1_\2/downsample_conv"),
+        (r"layer(\d)\.(\d+)\.downsample\.1", r"backbone/layer\1_\2/downsample_bn"),
+        (r"fc", r"head/fc"),
+    ),
+    **TORCH_IMAGENET,
+)
+
+
+register_variants("resnet", weights=TORCH_RESNET, variants={
+    "resnet18": partial(ResNet, block=BasicBlock, layers=(2, 2, 2, 2)),
+    "resnet34": partial(ResNet, block=BasicBlock, layers=(3, 4, 6, 3)),
+    "resnet50": partial(ResNet, block=Bottleneck, layers=(3, 4, 6, 3)),
+    "resnet101": partial(ResNet, block=Bottleneck, layers=(3, 4, 23, 3)),
+    "resnet152": partial(ResNet, block=Bottleneck, layers=(3, 8, 36, 3)),
+    "resnext50_32x4d": partial(ResNet, block=Bottleneck, layers=(3, 4, 6, 3), groups=32, width_per_group=4),
+    "resnext101_32x8d": partial(ResNet, block=Bottleneck, layers=(3, 4, 23, 3), groups=32, width_per_group=8),
+    "wide_resnet50_2": partial(ResNet, block=Bottleneck, layers=(3, 4, 6, 3), width_per_group=128),
+    "wide_resnet101_2": partial(ResNet, block=Bottleneck, layers=(3, 4, 23, 3), width_per_group=128),
+})

@@ -1,0 +1,75 @@
+"""The feature contract: FeatureInfo, output-stride planning, input checks."""
+from typing import NamedTuple, Sequence
+
+import jax.numpy as jnp
+
+LEVELS = ("C1", "C2", "C3", "C4", "C5")
+
+
+class FeatureInfo(NamedTuple):
+    """One feature level a backbone returns: name (C1..C5), actual stride, channels."""
+
+    name: str
+    stride: int
+    channels: int
+
+
+class StridePlan(NamedTuple):
+    """How one strided unit runs under an output stride (torchvision semantics).
+
+    `stride` is what the unit applies; `first_dilation` is the dilation of its first
+    block (the previous dilation); `dilation` that of the blocks after it.
+    """
+
+    stride: int
+    first_dilation: int
+    dilation: int
+
+
+def plan_output_stride(strides: Sequence[int], output_stride: int,
+                       supported: Sequence[int] = (8, 16, 32)) -> list[StridePlan]:
+    """Turn strided units into dilated ones once the running stride reaches `output_stride`.
+
+    A unit that would push the stride past `output_stride` keeps stride 1 and multiplies
+    the dilation by its stride instead, as torchvision's `replace_stride_with_dilation`
+    and timm's `output_stride` do. Raises ValueError for an unsupported stride.
+    """
+    if output_stride not in supported:
+        raise ValueError(
+            f"output_stride={output_stride} is not supported; choose one of {tuple(supported)}")
+    plans, current, dilation = [], 1, 1
+    for stride in strides:
+        previous = dilation
+        if current * stride > output_stride:
+            dilation *= stride
+            stride = 1
+        current *= stride
+        plans.append(StridePlan(stride, previous, dilation))
+    return plans
+
+
+def select_features(infos: Sequence[FeatureInfo], out_features: Sequence[str] | None):
+    """The FeatureInfos named by `out_features` (all when None), checked against `infos`."""
+    if out_features is None:
+        return tuple(infos)
+    names = [i.name for i in infos]
+    unknown = [n for n in out_features if n not in names]
+    if unknown:
+        raise ValueError(f"out_features {unknown} not produced by this backbone; it has {names}")
+    return tuple(i for i in infos if i.name in out_features)
+
+
+def check_images(x, channels: int = 3, min_size: int = 1):
+    """Raise a ValueError naming the problem unless `x` is a float NHWC image batch."""
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"expected images of shape (N, H, W, {channels}) (NHWC), got shape {shape}")
+    if shape[-1] != channels:
+        raise ValueError(
+            f"expected {channels} channels in the last axis (NHWC), got shape {tuple(shape)}; "
+            "is the input NCHW?")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"expected float images (already normalised), got dtype {x.dtype}")
+    if min(shape[1:3]) < min_size:
+        raise ValueError(f"images of {shape[1]}x{shape[2]} are smaller than the "
+                         f"{min_size}x{min_size} this model needs")

@@ -1,0 +1,4 @@
+"""Task heads: they turn a backbone's feature dict into outputs."""
+from flaxbones.heads.classification import ClassifierHead
+
+__all__ = ["ClassifierHead"]

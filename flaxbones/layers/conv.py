@@ -1,0 +1,46 @@
+"""Conv -> norm -> act, the block every family is built from."""
+from functools import partial
+from typing import Any, Callable
+
+from flax import linen as nn
+
+from flaxbones.layers.norm import BatchNorm
+from flaxbones.layers.padding import conv_padding
+
+ModuleDef = Any
+
+# torchvision's ResNet/VGG init: kaiming normal, fan_out, gain sqrt(2).
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ConvNormAct(nn.Module):
+    """A conv (`conv`), an optional norm (`bn`) and an optional activation.
+
+    `conv` and `norm` are injected constructors (e.g. a `partial(nn.Conv, dtype=...)`
+    and a `partial(BatchNorm, use_running_average=not train)`), so the same block
+    serves every family and weight source; padding follows `padding` ('torch' or 'same').
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    dilation: int = 1
+    groups: int = 1
+    padding: str = "torch"
+    conv: ModuleDef = partial(nn.Conv, use_bias=False)
+    norm: ModuleDef | None = BatchNorm
+    act: Callable | None = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        x = self.conv(
+            self.features, (k, k), strides=(self.stride, self.stride),
+            padding=conv_padding(k, self.stride, self.dilation, self.padding),
+            kernel_dilation=(self.dilation, self.dilation),
+            feature_group_count=self.groups, name="conv")(x)
+        if self.norm is not None:
+            x = self.norm(name="bn")(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x

@@ -1,0 +1,72 @@
+"""BatchNorm with PyTorch's running-statistics semantics."""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over all but the last axis, statistic-for-statistic equal to torch.
+
+    Differs from `flax.linen.BatchNorm` in one way that matters for weight parity:
+    the running variance is updated with the *unbiased* batch variance, as
+    `torch.nn.BatchNorm2d` does (normalisation uses the biased one in both).
+    Statistics are computed in float32 whatever the compute dtype. `momentum` is
+    Flax's (the weight of the old value): PyTorch's 0.1 is 0.9 here.
+    Variables: params `scale`, `bias`; batch_stats `mean`, `var` (as Flax names them).
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    use_bias: bool = True
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average)
+        features = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        scale = (self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+                 if self.use_scale else None)
+        bias = (self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+                if self.use_bias else None)
+
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean, var, count = _batch_moments(x, self.axis_name)
+            if not self.is_initializing():
+                unbiased = var * (count / jnp.maximum(count - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            mul = mul * scale.astype(jnp.float32)
+        shift = -mean * mul
+        if bias is not None:
+            shift = shift + bias.astype(jnp.float32)
+        dtype = self.dtype or jnp.result_type(x, self.param_dtype)
+        return x.astype(dtype) * mul.astype(dtype) + shift.astype(dtype)
+
+
+def _batch_moments(x, axis_name):
+    """Mean and biased variance over all but the last axis (two-pass), and the count."""
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    count = jnp.asarray(x[..., 0].size, jnp.float32)
+    mean = jnp.mean(x32, axes)
+    if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+        count = jax.lax.psum(count, axis_name)
+    var = jnp.mean(jnp.square(x32 - mean), axes)
+    if axis_name is not None:
+        var = jax.lax.pmean(var, axis_name)
+    return mean, var, count

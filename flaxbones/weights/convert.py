@@ -1,0 +1,114 @@
+"""Convert a torch state dict onto an `eval_shape`d flax variable tree, all or nothing."""
+import dataclasses
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+_MAX_LISTED = 10
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """Which flax leaves came from the file and which kept their initial values."""
+
+    loaded: list[str]
+    skipped: list[str]
+    ignored_keys: list[str]  # source keys dropped deliberately (mismatched head with skip_head)
+
+
+def map_module_path(module: str, rules) -> str | None:
+    """The flax module path for a torch module path: the first rule that matches it whole."""
+    for pattern, template in rules:
+        m = re.fullmatch(pattern, module)
+        if m:
+            return m.expand(template)
+    return None
+
+
+def _leaf(torch_leaf: str, leaves: dict) -> tuple[str, str] | None:
+    """(collection, name) of the flax leaf that a torch leaf fills in a module with `leaves`."""
+    params = leaves.get("params", {})
+    if torch_leaf == "weight":
+        for name in ("kernel", "scale", "embedding"):
+            if name in params:
+                return "params", name
+    if torch_leaf == "bias" and "bias" in params:
+        return "params", "bias"
+    if torch_leaf == "running_mean":
+        return "batch_stats", "mean"
+    if torch_leaf == "running_var":
+        return "batch_stats", "var"
+    return None
+
+
+def _to_flax_layout(value: np.ndarray, name: str) -> np.ndarray:
+    if name == "kernel" and value.ndim == 4:  # conv OIHW -> HWIO (groups stay in I)
+        return value.transpose(2, 3, 1, 0)
+    if name == "kernel" and value.ndim == 2:  # dense (out, in) -> (in, out)
+        return value.T
+    return value
+
+
+def _index_modules(flat_target):
+    modules: dict[str, dict] = {}
+    for key, leaf in flat_target.items():
+        collection, *path, name = key.split("/")
+        modules.setdefault("/".join(path), {}).setdefault(collection, {})[name] = leaf
+    return modules
+
+
+def convert_state_dict(state: dict, target: dict, rules, skip_prefixes=()) -> tuple[dict, LoadReport]:
+    """Map `state` (torch key -> array) onto `target` (flax variables or their shapes).
+
+    Returns (variables holding exactly the converted leaves, report). Raises a ValueError
+    listing the first missing, unexpected and mis-shaped keys unless every target leaf
+    outside `skip_prefixes` is filled exactly once and every source key is used; leaves
+    under `skip_prefixes` that are absent or mis-shaped are reported as skipped instead.
+    """
+    flat_target = traverse_util.flatten_dict(target, sep="/")
+    modules = _index_modules(flat_target)
+    filled, unexpected, mismatched, ignored = {}, [], [], []
+
+    def skipped(flax_key):
+        return any(flax_key.split("/", 1)[1].startswith(p) for p in skip_prefixes)
+
+    for key, value in state.items():
+        module, _, torch_leaf = key.rpartition(".")
+        if torch_leaf == "num_batches_tracked":
+            continue
+        path = map_module_path(module, rules)
+        leaf = _leaf(torch_leaf, modules[path]) if path in modules else None
+        if leaf is None:
+            unexpected.append(key)
+            continue
+        flax_key = f"{leaf[0]}/{path}/{leaf[1]}"
+        want = flat_target.get(flax_key)
+        if want is None:
+            unexpected.append(key)
+            continue
+        value = _to_flax_layout(np.asarray(value), leaf[1])
+        if flax_key in filled:
+            raise ValueError(f"two source keys map onto {flax_key} (the last was {key!r})")
+        if tuple(value.shape) != tuple(want.shape):
+            (ignored if skipped(flax_key) else mismatched).append(
+                f"{key} {tuple(value.shape)} -> {flax_key} {tuple(want.shape)}")
+            continue
+        filled[flax_key] = jnp.asarray(value, dtype=want.dtype)
+
+    missing = [k for k in flat_target if k not in filled]
+    skipped_keys = [k for k in missing if skipped(k)]
+    missing = [k for k in missing if not skipped(k)]
+    if missing or unexpected or mismatched:
+        raise ValueError("weights do not match the model; nothing was loaded.\n" + "\n".join(
+            _listing(title, items) for title, items in (
+                ("missing in the file", missing), ("unexpected in the file", unexpected),
+                ("shape mismatch", mismatched)) if items))
+    report = LoadReport(loaded=sorted(filled), skipped=skipped_keys, ignored_keys=ignored)
+    return traverse_util.unflatten_dict(filled, sep="/"), report
+
+
+def _listing(title, items):
+    more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return f"  {len(items)} {title}:\n" + "\n".join(f"    {i}" for i in items[:_MAX_LISTED]) + more

@@ -1,0 +1,56 @@
+"""Helpers for parity tests against torch references: random BN stats, files, runs."""
+import numpy as np
+import torch
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every norm layer non-trivial affine parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+def save_state(model: torch.nn.Module, path) -> str:
+    """Write the model's state dict as .safetensors or .pth (by the suffix of `path`)."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def run(model: torch.nn.Module, images_nhwc: np.ndarray, train: bool = False):
+    """Forward NHWC numpy images through a torch model; outputs as numpy (NCHW -> NHWC)."""
+    model.train(train)
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))))
+    return to_numpy(out)
+
+
+def to_numpy(out):
+    if isinstance(out, dict):
+        return {k: to_numpy(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(to_numpy(v) for v in out)
+    out = out.detach().numpy()
+    return out.transpose(0, 2, 3, 1) if out.ndim == 4 else out
+
+
+def assert_close(actual, expected, rel: float = 1e-4, what: str = ""):
+    """max |a - e| <= rel * max |e|: the fp32 tolerance the parity rules use."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
+    assert err <= rel * max(scale, 1e-12), f"{what}: max abs diff {err:.3g} > {rel} x {scale:.3g}"
+    return err / max(scale, 1e-12)
