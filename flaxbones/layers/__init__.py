@@ -1,8 +1,9 @@
-"""Small shared blocks: conv-norm-act, PyTorch-exact BatchNorm, padding and pooling."""
+"""Small shared blocks: conv-norm-act, PyTorch-exact BatchNorm, padding, pooling, resizing."""
 from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding, torch_padding
 from flaxbones.layers.pooling import global_avg_pool, max_pool
+from flaxbones.layers.resize import resize_bilinear, resize_nearest
 
 __all__ = ["BatchNorm", "ConvNormAct", "ModuleDef", "conv_padding", "global_avg_pool",
-           "kaiming_fan_out", "max_pool", "torch_padding"]
+           "kaiming_fan_out", "max_pool", "resize_bilinear", "resize_nearest", "torch_padding"]
