@@ -62,14 +62,20 @@ def check_composition(backbone: nn.Module, head: nn.Module, role: str = "head"):
     num_classes = getattr(head, "num_classes", 1)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{role} {name}: num_classes must be a positive int, got {num_classes!r}")
-    info = {f.name: f for f in backbone.feature_info}
-    missing = [lvl for lvl in head.levels if lvl not in info]
-    if missing:
-        raise ValueError(
-            f"{role} {name} needs feature levels {list(head.levels)} but the backbone "
-            f"{type(backbone).__name__} produces only {list(info)} (missing {missing})")
+    info = check_levels(backbone, head.levels, f"{role} {name}")
     strides = getattr(head, "supported_strides", None)
     deepest = info[head.levels[-1]].stride
     if strides is not None and deepest not in strides:
         raise ValueError(f"{role} {name} needs its input level {head.levels[-1]} at output stride "
                          f"{' or '.join(map(str, strides))}; the backbone gives stride {deepest}")
+
+
+def check_levels(backbone: nn.Module, levels, who: str) -> dict:
+    """{name: FeatureInfo} of `backbone`; a ValueError if any of `levels` is missing."""
+    info = {f.name: f for f in backbone.feature_info}
+    missing = [lvl for lvl in levels if lvl not in info]
+    if missing:
+        raise ValueError(
+            f"{who} needs feature levels {list(levels)} but the backbone "
+            f"{type(backbone).__name__} produces only {list(info)} (missing {missing})")
+    return info

@@ -15,7 +15,7 @@ from flaxbones.heads.fcn import FCNHead
 from flaxbones.heads.fpn import SemanticFPNHead
 from flaxbones.heads.lraspp import LRASPPHead
 from flaxbones.heads.unet import UNetHead
-from flaxbones.models import Segmenter
+from flaxbones.models import Segmenter, check_levels
 from flaxbones.registry import create_backbone, get_spec, register_model
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -39,12 +39,10 @@ def build_backbone(backbone, output_stride: int | None, default_stride: int, dty
     return backbone
 
 
-def _stride_of(backbone, level: str) -> int:
-    info = {f.name: f.stride for f in backbone.feature_info}
-    if level not in info:
-        raise ValueError(f"the head needs feature level {level!r} but the backbone "
-                         f"{type(backbone).__name__} produces only {list(info)}")
-    return info[level]
+def _rates(backbone, levels, atrous_rates, who):
+    """ASPP rates: given, or DeepLab's for the stride of the deepest of `levels`."""
+    info = check_levels(backbone, levels, who)
+    return tuple(atrous_rates or atrous_rates_for(info[levels[-1]].stride))
 
 
 def _common(dtype, param_dtype, axis_name):
@@ -64,8 +62,8 @@ def deeplabv3(backbone: Any = "resnet50", num_classes: int = 21, output_stride: 
     `style` 'torchvision' or 'tf'; `aux_loss` adds torchvision's FCN head on `aux_level`."""
     common = _common(dtype, param_dtype, axis_name)
     bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
-    rates = atrous_rates or atrous_rates_for(_stride_of(bb, "C5"))
-    head = DeepLabV3Head(num_classes, atrous_rates=tuple(rates), **deeplab_style(style), **common)
+    rates = _rates(bb, ("C5",), atrous_rates, "DeepLabV3Head")
+    head = DeepLabV3Head(num_classes, atrous_rates=rates, **deeplab_style(style), **common)
     return Segmenter(bb, head, _aux(aux_loss, aux_level, num_classes, common))
 
 
@@ -78,8 +76,8 @@ def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
     """DeepLabv3+: ASPP on C5 (default output stride 16) and a decoder over `low_level`."""
     common = _common(dtype, param_dtype, axis_name)
     bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
-    rates = atrous_rates or atrous_rates_for(_stride_of(bb, "C5"))
-    head = DeepLabV3PlusHead(num_classes, low_level=low_level, atrous_rates=tuple(rates),
+    rates = _rates(bb, (low_level, "C5"), atrous_rates, "DeepLabV3PlusHead")
+    head = DeepLabV3PlusHead(num_classes, low_level=low_level, atrous_rates=rates,
                              **deeplab_style(style, plus=True), **common)
     return Segmenter(bb, head)
 

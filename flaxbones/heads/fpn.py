@@ -5,12 +5,19 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.features import FeatureInfo
 from flaxbones.heads.base import SegmentationHead
 from flaxbones.layers import ConvNormAct, resize_bilinear, resize_nearest
 
 # torchvision's FPN init: kaiming_uniform(a=1), zero bias.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 EXTRAS = (None, "pool", "p6p7")
+# torchvision.ops.FeaturePyramidNetwork's keys (under a model's own prefix) -> FPN paths.
+TORCHVISION_FPN_RULES = (
+    (r"inner_blocks\.(\d)\.0", r"lateral_\1"),
+    (r"layer_blocks\.(\d)\.0", r"output_\1"),
+    (r"extra_blocks\.(p6|p7)", r"\1"),
+)
 
 
 class FPN(nn.Module):
@@ -33,6 +40,16 @@ class FPN(nn.Module):
         last = int(self.in_levels[-1][1:])
         more = {None: 0, "pool": 1, "p6p7": 2}[self.extra]
         return names + tuple(f"P{last + i}" for i in range(1, more + 1))
+
+    def feature_info(self, backbone_info) -> tuple[FeatureInfo, ...]:
+        """The P-levels this neck returns on a backbone with `backbone_info` (before init)."""
+        strides = {f.name: f.stride for f in backbone_info}
+        missing = [n for n in self.in_levels if n not in strides]
+        if missing:
+            raise ValueError(f"FPN needs levels {list(self.in_levels)}; the backbone lacks {missing}")
+        out = [strides[n] for n in self.in_levels]
+        out += [out[-1] * 2 ** i for i in range(1, len(self.out_levels()) - len(out) + 1)]
+        return tuple(FeatureInfo(n, s, self.features) for n, s in zip(self.out_levels(), out))
 
     @nn.compact
     def __call__(self, features: dict):
