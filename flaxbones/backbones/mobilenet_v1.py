@@ -47,6 +47,7 @@ class MobileNetV1(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
     def _units(self):
         """(stride, channels, flax name) of the stem and every block."""
         units = [(2, make_divisible(32 * self.width_mult), "stem")]
@@ -55,26 +56,27 @@ class MobileNetV1(nn.Module):
                        f"blocks_{i}_{j}") for j in range(blocks)]
         return units
 
+    @property
     def _taps(self):
-        strides, channels, _ = zip(*self._units())
+        strides, channels, _ = zip(*self._units)
         plans = plan_output_stride(strides, self.output_stride)
         return plans, sequence_taps(strides, channels, plans, self.out_features)
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
-        return tuple(info for _, info in self._taps()[1].values())
+        return tuple(info for _, info in self._taps[1].values())
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
-        plans, taps = self._taps()
+        plans, taps = self._taps
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,
                        dtype=self.dtype, param_dtype=self.param_dtype)
         outputs = []
-        for (_, channels, name), plan in zip(self._units(), plans):
+        for (_, channels, name), plan in zip(self._units, plans):
             if name == "stem":
                 x = ConvNormAct(channels, 3, plan.stride, conv=conv, norm=norm, act=nn.relu6,
                                 name=name)(x)

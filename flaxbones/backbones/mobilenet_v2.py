@@ -36,6 +36,7 @@ class MobileNetV2(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
     def _units(self):
         """(stride, channels, expansion) per unit of torchvision's `features`."""
         def width(c):
@@ -46,27 +47,28 @@ class MobileNetV2(nn.Module):
         last = make_divisible(1280 * max(1.0, self.width_mult), self.round_nearest)
         return units + [(1, last, None)]
 
+    @property
     def _taps(self):
-        strides, channels, _ = zip(*self._units())
+        strides, channels, _ = zip(*self._units)
         plans = plan_output_stride(strides, self.output_stride)
         names = [f"features_{i}" for i in range(len(strides))]
         return plans, sequence_taps(strides, channels, plans, self.out_features, names)
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
-        return tuple(info for _, info in self._taps()[1].values())
+        return tuple(info for _, info in self._taps[1].values())
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
-        plans, taps = self._taps()
+        plans, taps = self._taps
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,
                        dtype=self.dtype, param_dtype=self.param_dtype)
         outputs = []
-        for n, ((_, channels, t), plan) in enumerate(zip(self._units(), plans)):
+        for n, ((_, channels, t), plan) in enumerate(zip(self._units, plans)):
             if t is None:
                 k = 3 if n == 0 else 1
                 x = ConvNormAct(channels, k, plan.stride, conv=conv, norm=norm, act=nn.relu6,

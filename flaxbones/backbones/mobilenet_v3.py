@@ -52,6 +52,7 @@ class MobileNetV3(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
     def _taps(self):
         strides = (2, *(b[-1] for b in self.blocks), 1)
         channels = (STEM, *(b[2] for b in self.blocks), 6 * self.blocks[-1][2])
@@ -61,12 +62,12 @@ class MobileNetV3(nn.Module):
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
-        return tuple(info for _, info in self._taps()[2].values())
+        return tuple(info for _, info in self._taps[2].values())
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         check_images(x)
-        plans, channels, taps = self._taps()
+        plans, channels, taps = self._taps
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
