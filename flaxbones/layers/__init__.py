@@ -5,8 +5,9 @@ from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding, torch_padding
 from flaxbones.layers.pooling import global_avg_pool, max_pool
 from flaxbones.layers.resize import resize_bilinear, resize_nearest
+from flaxbones.layers.separable import SeparableConv
 from flaxbones.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["BatchNorm", "ConvNormAct", "InvertedResidual", "ModuleDef", "SqueezeExcite",
-           "conv_padding", "global_avg_pool", "kaiming_fan_out", "make_divisible", "max_pool",
-           "resize_bilinear", "resize_nearest", "torch_padding"]
+__all__ = ["BatchNorm", "ConvNormAct", "InvertedResidual", "ModuleDef", "SeparableConv",
+           "SqueezeExcite", "conv_padding", "global_avg_pool", "kaiming_fan_out",
+           "make_divisible", "max_pool", "resize_bilinear", "resize_nearest", "torch_padding"]
