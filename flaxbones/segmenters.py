@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones import mobilenet_v3
 from flaxbones.heads.aspp import atrous_rates_for
 from flaxbones.heads.deeplab import DeepLabV3Head, DeepLabV3PlusHead, deeplab_style
 from flaxbones.heads.fcn import FCNHead
@@ -156,10 +157,10 @@ _LRASPP_RULES = (
 _CLASSIFIERS = ("head/classifier", "aux_head/classifier")
 
 
-def torchvision_source(backbone: str, head_rules, head_prefix=_CLASSIFIERS) -> WeightSource:
+def torchvision_source(backbone: tuple, head_rules, head_prefix=_CLASSIFIERS) -> WeightSource:
     """torchvision's segmentation weights (COCO with VOC labels: 21 classes)."""
-    return WeightSource("torchvision", backbone_rules(backbone) + tuple(head_rules),
-                        num_classes=21, head_prefix=head_prefix, **TORCH_IMAGENET)
+    return WeightSource("torchvision", tuple(backbone) + tuple(head_rules), num_classes=21,
+                        head_prefix=head_prefix, **TORCH_IMAGENET)
 
 
 def _register_resnet_presets():
@@ -181,8 +182,8 @@ def _register_resnet_presets():
         fcn_preset.__doc__ = f"torchvision's fcn_{bb}: output stride 8, aux FCN head on C4."
         deeplab_preset.__doc__ = (f"torchvision's deeplabv3_{bb}: output stride 8, rates "
                                   "12/24/36, aux FCN head on C4.")
-        register_model("segmenter", torchvision_source(bb, fcn_rules))(fcn_preset)
-        register_model("segmenter", torchvision_source(bb, deeplab_rules))(deeplab_preset)
+        register_model("segmenter", torchvision_source(backbone_rules(bb), fcn_rules))(fcn_preset)
+        register_model("segmenter", torchvision_source(backbone_rules(bb), deeplab_rules))(deeplab_preset)
 
 
 _register_resnet_presets()
@@ -192,3 +193,41 @@ _register_resnet_presets()
 def deeplabv3plus_resnet101(num_classes: int = 21, output_stride: int = 16, **kwargs):
     """DeepLabv3+ on ResNet-101 (torchvision style, C2 low-level feature)."""
     return deeplabv3plus("resnet101", num_classes, output_stride, **kwargs)
+
+
+# torchvision's MobileNetV3 segmenters tap `features.4` (the first 40-channel unit, stride 8)
+# for the LR-ASPP 'low' input and the DeepLabv3 'aux' head, not the end of that stage (C3).
+_MBV3_TAP = "features_4"
+_MBV3_BACKBONE = mobilenet_v3.torch_rules(mobilenet_v3.LARGE, src="backbone")
+
+
+@register_model("segmenter", torchvision_source(
+    _MBV3_BACKBONE, _DEEPLAB_RULES + _fcn_rules("aux_classifier", "aux_head")))
+def deeplabv3_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False,
+                                 output_stride: int = 16, atrous_rates=(12, 24, 36), **kwargs):
+    """torchvision's deeplabv3_mobilenet_v3_large: output stride 16 (dilated last stage),
+    rates 12/24/36, aux FCN head on `features_4`."""
+    out = ("C5", _MBV3_TAP) if aux_loss else ("C5",)
+    return deeplabv3("mobilenet_v3_large", num_classes, output_stride, atrous_rates=atrous_rates,
+                     aux_loss=aux_loss, aux_level=_MBV3_TAP, out_features=out, **kwargs)
+
+
+@register_model("segmenter", torchvision_source(
+    _MBV3_BACKBONE, _LRASPP_RULES, ("head/low_classifier", "head/high_classifier")))
+def lraspp_mobilenet_v3_large(num_classes: int = 21, output_stride: int = 16, **kwargs):
+    """torchvision's lraspp_mobilenet_v3_large: output stride 16, low = `features_4`."""
+    return lraspp("mobilenet_v3_large", num_classes, output_stride, low=_MBV3_TAP, high="C5",
+                  out_features=(_MBV3_TAP, "C5"), **kwargs)
+
+
+@register_model("segmenter")
+def deeplabv3plus_xception65(num_classes: int = 21, output_stride: int = 16, **kwargs):
+    """TF DeepLab's xception65 DeepLabv3+: TF style (separable ASPP and decoder, pooling
+    first, align_corners=True), low-level feature Xception's pre-ReLU C2 tap."""
+    return deeplabv3plus("xception65", num_classes, output_stride, **{"style": "tf", **kwargs})
+
+
+@register_model("segmenter")
+def deeplabv3plus_mobilenet_v2(num_classes: int = 21, output_stride: int = 16, **kwargs):
+    """DeepLabv3+ on MobileNetV2 (torchvision style; C2 = the last stride-4 unit, 24 ch)."""
+    return deeplabv3plus("mobilenet_v2", num_classes, output_stride, **kwargs)

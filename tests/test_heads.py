@@ -136,8 +136,8 @@ def _head_logits_shape(head, infos):
 @pytest.mark.parametrize("backbone", fb.list_backbones())
 def test_every_backbone_with_every_head(backbone):
     """Each head built on `backbone` by name (composition checked at construction) and
-    traced on feature shapes from its feature_info; the first backbone of each family is
-    also traced end to end, as a whole segmenter, at an odd input size."""
+    traced on feature shapes from its feature_info; whole segmenters are traced end to end
+    at an odd input size for every head on resnet18 and one head per other family."""
     built = {}
     for head in HEADS:
         try:
@@ -155,30 +155,21 @@ def test_every_backbone_with_every_head(backbone):
                 assert shape[1] >= -(-SIZE[0] // finest), (head, shape)
         built[head] = model
     assert built, f"{backbone} composes with no head"
+    families = sorted({fb.get_spec(n).family for n in fb.list_backbones()})
     family = fb.get_spec(backbone).family
-    if backbone != min((n for n in fb.list_backbones() if fb.get_spec(n).family == family),
-                       key=lambda n: (len(n), n)):
+    first = min((n for n in fb.list_backbones() if fb.get_spec(n).family == family),
+                key=lambda n: (len(n), n))
+    if backbone == "resnet18":
+        whole = list(built.values())
+    elif backbone == first:  # one whole segmenter per other family, heads in rotation
+        whole = [list(built.values())[families.index(family) % len(built)]]
+    else:
         return
-    for i, model in enumerate(built.values()):
+    for model in whole:
         x = jnp.zeros((1, *SIZE, 3))
         out = jax.eval_shape(lambda: model.apply(model.init(RNG, x), x))
         want = ["out", "aux"] if model.aux_head is not None else ["out"]
         assert {k: v.shape for k, v in out.items()} == {k: (1, *SIZE, 5) for k in want}
-
-
-def _numpy_variables(module, *args, seed=0):
-    """Scaled random variables from numpy: no compiled RNG (init compiles slowly on CPU)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, RNG, *args)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, s.shape)
-        return rng.standard_normal(s.shape) * 0.1
-    return jax.tree_util.tree_map_with_path(lambda p, s: jnp.asarray(leaf(p, s), s.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +218,13 @@ def test_tf_style_upsamples_with_align_corners(all_heads_run):
 
 # --- DeepLabv3+ presets: shapes at odd sizes and parameter counts ----------------------
 
-V3PLUS = [("deeplabv3plus_resnet101", 16), ("deeplabv3plus_resnet101", 8)]
+V3PLUS = [("deeplabv3plus_xception65", 16), ("deeplabv3plus_xception65", 8),
+          ("deeplabv3plus_resnet101", 16), ("deeplabv3plus_mobilenet_v2", 16)]
+V3PLUS_PARAMS = {  # backbone, head (21 classes); the same at every output stride
+    "deeplabv3plus_xception65": (37867312, 3188101),
+    "deeplabv3plus_resnet101": (42500160, 16844149),
+    "deeplabv3plus_mobilenet_v2": (2223872, 11131381),
+}
 
 
 @pytest.mark.parametrize("name, output_stride", V3PLUS)
@@ -236,8 +233,11 @@ def test_deeplabv3plus_shapes_and_counts(name, output_stride):
     x = jnp.zeros((1, 97, 131, 3))
     variables = jax.eval_shape(model.init, RNG, x)
     assert jax.eval_shape(model.apply, variables, x)["out"].shape == (1, 97, 131, 21)
-    counts = {k: _count(variables["params"][k]) for k in ("backbone", "head")}
-    print(f"{name} OS{output_stride}: params {counts} total {sum(counts.values())}")
+    counts = tuple(_count(variables["params"][k]) for k in ("backbone", "head"))
+    print(f"{name} OS{output_stride}: params (backbone, head) {counts} total {sum(counts)}")
+    assert counts == V3PLUS_PARAMS[name]
+    strides = {f.name: f.stride for f in model.backbone.feature_info}
+    assert (strides["C2"], strides["C5"]) == (4, output_stride)
     rates = model.head.atrous_rates
     assert rates == ((6, 12, 18) if output_stride == 16 else (12, 24, 36))
 

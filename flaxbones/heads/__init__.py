@@ -1,5 +1,5 @@
 """Task heads: they turn a backbone's feature dict into outputs."""
-from flaxbones.heads.aspp import ASPP, SplitSeparableConv, atrous_rates_for
+from flaxbones.heads.aspp import ASPP, atrous_rates_for
 from flaxbones.heads.base import SegmentationHead
 from flaxbones.heads.classification import ClassifierHead
 from flaxbones.heads.deeplab import DeepLabV3Head, DeepLabV3PlusHead, deeplab_style
@@ -9,5 +9,5 @@ from flaxbones.heads.lraspp import LRASPPHead
 from flaxbones.heads.unet import UNetHead
 
 __all__ = ["ASPP", "ClassifierHead", "DeepLabV3Head", "DeepLabV3PlusHead", "FCNHead", "FPN",
-           "LRASPPHead", "SegmentationHead", "SemanticFPNHead", "SplitSeparableConv", "UNetHead",
+           "LRASPPHead", "SegmentationHead", "SemanticFPNHead", "UNetHead",
            "atrous_rates_for", "deeplab_style"]

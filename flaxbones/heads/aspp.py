@@ -1,10 +1,10 @@
 """Atrous Spatial Pyramid Pooling (DeepLabv3), in torchvision's and TF DeepLab's layouts."""
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.layers import ConvNormAct, ModuleDef, resize_bilinear
+from flaxbones.layers import ConvNormAct, ModuleDef, SeparableConv, resize_bilinear
 
 
 def atrous_rates_for(output_stride: int) -> tuple[int, int, int]:
@@ -16,30 +16,13 @@ def atrous_rates_for(output_stride: int) -> tuple[int, int, int]:
     return rates[output_stride]
 
 
-class SplitSeparableConv(nn.Module):
-    """TF DeepLab's `split_separable_conv2d`: depthwise 3x3 (atrous) -> BN -> ReLU ->
-    pointwise 1x1 -> BN -> ReLU, named `depthwise` and `pointwise`."""
-
-    features: int
-    dilation: int = 1
-    conv: ModuleDef = nn.Conv
-    norm: ModuleDef = nn.BatchNorm
-    act: Callable = nn.relu
-
-    @nn.compact
-    def __call__(self, x):
-        x = ConvNormAct(x.shape[-1], 3, dilation=self.dilation, groups=x.shape[-1],
-                        conv=self.conv, norm=self.norm, act=self.act, name="depthwise")(x)
-        return ConvNormAct(self.features, 1, conv=self.conv, norm=self.norm, act=self.act,
-                           name="pointwise")(x)
-
-
 class ASPP(nn.Module):
     """1x1 branch, one 3x3 atrous branch per rate, image pooling; concat; 1x1 projection;
     dropout. Branches are `convs_0..convs_N` (1x1 first) and `pool`, as torchvision.
 
     `pool_first` puts the image-pooling branch first in the concatenation (TF DeepLab);
-    `separable` makes the atrous branches depthwise-separable (TF DeepLab, Xception).
+    `separable` makes the atrous branches depthwise-separable with BN and ReLU after both
+    convs (TF DeepLab's `split_separable_conv2d`, as with Xception).
     """
 
     atrous_rates: Sequence[int] = (6, 12, 18)
@@ -57,7 +40,8 @@ class ASPP(nn.Module):
         branches = [ConvNormAct(self.features, 1, **block, name="convs_0")(x)]
         for i, rate in enumerate(self.atrous_rates, start=1):
             if self.separable:
-                y = SplitSeparableConv(self.features, rate, **block, name=f"convs_{i}")(x)
+                y = SeparableConv(self.features, 3, dilation=rate, act=nn.relu, **block,
+                                  name=f"convs_{i}")(x)
             else:
                 y = ConvNormAct(self.features, 3, dilation=rate, **block, name=f"convs_{i}")(x)
             branches.append(y)

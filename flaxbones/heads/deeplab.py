@@ -4,9 +4,9 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.heads.aspp import ASPP, SplitSeparableConv
+from flaxbones.heads.aspp import ASPP
 from flaxbones.heads.base import SegmentationHead
-from flaxbones.layers import ConvNormAct, resize_bilinear
+from flaxbones.layers import ConvNormAct, SeparableConv, resize_bilinear
 
 # The two faithful flavours. torchvision: pooling branch last, dropout 0.5, a 3x3 conv
 # after ASPP, half-pixel upsampling. TF DeepLab (model.py): pooling first, dropout 0.1,
@@ -97,8 +97,8 @@ class DeepLabV3PlusHead(SegmentationHead):
         x = jnp.concatenate([x, low], axis=-1)
         for i in range(2):
             if self.separable:
-                x = SplitSeparableConv(self.decoder_channels, conv=conv, norm=norm,
-                                       name=f"decoder_{i}")(x)
+                x = SeparableConv(self.decoder_channels, 3, act=nn.relu, conv=conv, norm=norm,
+                                  name=f"decoder_{i}")(x)
             else:
                 x = ConvNormAct(self.decoder_channels, 3, conv=conv, norm=norm,
                                 name=f"decoder_{i}")(x)
