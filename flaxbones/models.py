@@ -25,7 +25,9 @@ class Segmenter(nn.Module):
 
     Variables live under `backbone`, `head` and `aux_head`. The heads' `levels` are
     checked against the backbone's `feature_info` at construction; logits are upsampled
-    with each head's `align_corners` rule (torchvision: False, TF DeepLab: True).
+    with each head's `align_corners` rule (torchvision: False, TF DeepLab: True). Any
+    input size works: heads resize to the exact sizes of the levels they fuse, never by
+    a fixed factor, so nothing needs padding to a multiple of 32.
     """
 
     backbone: nn.Module

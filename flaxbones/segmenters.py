@@ -32,7 +32,8 @@ def build_backbone(backbone, output_stride: int | None, default_stride: int, dty
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a registered name or a flax Module, got {backbone!r}")
     if kwargs:
-        raise ValueError(f"backbone options {sorted(kwargs)} apply only to a backbone given by name")
+        raise ValueError(f"backbone options {sorted(kwargs)} apply only to a backbone given "
+                         "by name")
     own = getattr(backbone, "output_stride", None)
     if output_stride is not None and own is not None and own != output_stride:
         raise ValueError(f"output_stride={output_stride} disagrees with the given backbone's "
@@ -163,30 +164,31 @@ def torchvision_source(backbone: tuple, head_rules, head_prefix=_CLASSIFIERS) ->
                         head_prefix=head_prefix, **TORCH_IMAGENET)
 
 
-def _register_resnet_presets():
-    for depth in (50, 101):
-        bb = f"resnet{depth}"
-        fcn_rules = _fcn_rules("classifier", "head") + _fcn_rules("aux_classifier", "aux_head")
-        deeplab_rules = _DEEPLAB_RULES + _fcn_rules("aux_classifier", "aux_head")
+def _register_resnet_presets(depth: int):
+    """torchvision's fcn_resnet{depth} and deeplabv3_resnet{depth}: output stride 8, rates
+    12/24/36, optional aux FCN head on C4."""
+    bb = f"resnet{depth}"
+    aux_rules = _fcn_rules("aux_classifier", "aux_head")
 
-        def fcn_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
-                       _bb=bb, **kwargs):
-            return fcn(_bb, num_classes, output_stride, aux_loss=aux_loss, **kwargs)
+    def fcn_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
+                   **kwargs):
+        return fcn(bb, num_classes, output_stride, aux_loss=aux_loss, **kwargs)
 
-        def deeplab_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
-                           atrous_rates=(12, 24, 36), _bb=bb, **kwargs):
-            return deeplabv3(_bb, num_classes, output_stride, atrous_rates=atrous_rates,
-                             aux_loss=aux_loss, **kwargs)
+    def deeplab_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
+                       atrous_rates=(12, 24, 36), **kwargs):
+        return deeplabv3(bb, num_classes, output_stride, atrous_rates=atrous_rates,
+                         aux_loss=aux_loss, **kwargs)
 
-        fcn_preset.__name__, deeplab_preset.__name__ = f"fcn_{bb}", f"deeplabv3_{bb}"
-        fcn_preset.__doc__ = f"torchvision's fcn_{bb}: output stride 8, aux FCN head on C4."
-        deeplab_preset.__doc__ = (f"torchvision's deeplabv3_{bb}: output stride 8, rates "
-                                  "12/24/36, aux FCN head on C4.")
-        register_model("segmenter", torchvision_source(backbone_rules(bb), fcn_rules))(fcn_preset)
-        register_model("segmenter", torchvision_source(backbone_rules(bb), deeplab_rules))(deeplab_preset)
+    for preset, name, head_rules in ((fcn_preset, "fcn", _fcn_rules("classifier", "head")),
+                                     (deeplab_preset, "deeplabv3", _DEEPLAB_RULES)):
+        preset.__name__ = f"{name}_{bb}"
+        preset.__doc__ = f"torchvision's {name}_{bb}: output stride 8, aux FCN head on C4."
+        source = torchvision_source(backbone_rules(bb), head_rules + aux_rules)
+        register_model("segmenter", source)(preset)
 
 
-_register_resnet_presets()
+for _depth in (50, 101):
+    _register_resnet_presets(_depth)
 
 
 @register_model("segmenter")

@@ -18,7 +18,7 @@ from flaxbones.heads.fpn import TORCHVISION_FPN_RULES
 from flaxbones.layers import resize_bilinear, resize_nearest
 from flaxbones.segmenters import _LRASPP_RULES
 from flaxbones.weights import convert_state_dict
-from tests import torch_ref
+import torch_ref
 
 RNG = jax.random.PRNGKey(0)
 HEADS = {  # generic segmenter name -> keyword arguments
@@ -172,14 +172,30 @@ def test_every_backbone_with_every_head(backbone):
         assert {k: v.shape for k, v in out.items()} == {k: (1, *SIZE, 5) for k in want}
 
 
+def _numpy_variables(module, *args, seed=0):
+    """Scaled random variables from numpy: no compiled RNG (init compiles slowly on CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, RNG, *args)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, s.shape)
+        return rng.standard_normal(s.shape) * 0.1
+    return jax.tree_util.tree_map_with_path(lambda p, s: jnp.asarray(leaf(p, s), s.dtype), shapes)
+
+
 @pytest.fixture(scope="module")
 def all_heads_run():
     """One compiled function runs every head on one shared resnet18 (output stride 16)."""
     backbone = fb.create_backbone("resnet18", output_stride=16)
-    style = {k: v for k, v in deeplab_style("tf").items() if k != "head_conv"}
+    tf, tf_plus = deeplab_style("tf"), deeplab_style("tf", plus=True)
     heads = {"deeplabv3": DeepLabV3Head(5, atrous_rates=(6, 12, 18)),
-             "deeplabv3_tf": DeepLabV3Head(5, atrous_rates=(6, 12, 18), **deeplab_style("tf")),
-             "deeplabv3plus": DeepLabV3PlusHead(5), "deeplabv3plus_tf": DeepLabV3PlusHead(5, **style),
+             "deeplabv3_tf": DeepLabV3Head(5, atrous_rates=(6, 12, 18), **tf),
+             "deeplabv3plus": DeepLabV3PlusHead(5),
+             "deeplabv3plus_tf": DeepLabV3PlusHead(5, **tf_plus),
              "fcn": FCNHead(5), "aux": FCNHead(5, feature="C4"), "lraspp": LRASPPHead(5),
              "fpn": SemanticFPNHead(5, channels=32), "unet": UNetHead(5)}
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *SIZE, 3)), jnp.float32)

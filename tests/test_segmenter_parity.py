@@ -8,7 +8,7 @@ import torchvision.models.segmentation as tvseg
 
 import flaxbones as fb
 from flaxbones.heads import FCNHead
-from tests import torch_ref
+import torch_ref
 
 H, W = 97, 131
 
@@ -100,7 +100,8 @@ def test_parameter_counts(name):
     model = fb.create_model(name, **aux)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     assert _count(shapes["params"]) == sum(p.numel() for p in ref.parameters())
-    buffers = sum(b.numel() for n, b in ref.named_buffers() if not n.endswith("num_batches_tracked"))
+    buffers = sum(b.numel() for n, b in ref.named_buffers()
+                  if not n.endswith("num_batches_tracked"))
     assert _count(shapes["batch_stats"]) == buffers
 
 

@@ -46,7 +46,8 @@ class FPN(nn.Module):
         strides = {f.name: f.stride for f in backbone_info}
         missing = [n for n in self.in_levels if n not in strides]
         if missing:
-            raise ValueError(f"FPN needs levels {list(self.in_levels)}; the backbone lacks {missing}")
+            raise ValueError(f"FPN needs levels {list(self.in_levels)}; "
+                             f"the backbone lacks {missing}")
         out = [strides[n] for n in self.in_levels]
         out += [out[-1] * 2 ** i for i in range(1, len(self.out_levels()) - len(out) + 1)]
         return tuple(FeatureInfo(n, s, self.features) for n, s in zip(self.out_levels(), out))

@@ -50,6 +50,6 @@ def resize_nearest(x, size):
     for axis, out in ((1, int(size[0])), (2, int(size[1]))):
         size_in = x.shape[axis]
         if size_in != out:
-            idx = np.minimum(np.floor(np.arange(out) * (size_in / out)).astype(np.int32), size_in - 1)
-            x = jnp.take(x, idx, axis=axis)
+            idx = np.floor(np.arange(out) * (size_in / out)).astype(np.int32)
+            x = jnp.take(x, np.minimum(idx, size_in - 1), axis=axis)
     return x
