@@ -73,13 +73,14 @@ def deeplabv3(backbone: Any = "resnet50", num_classes: int = 21, output_stride: 
 def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
                   output_stride: int | None = None, style: str = "torchvision",
                   atrous_rates: Sequence[int] | None = None, low_level: str = "C2",
-                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                  feature: str = "C5", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                   axis_name: str | None = None, **backbone_kwargs):
-    """DeepLabv3+: ASPP on C5 (default output stride 16) and a decoder over `low_level`."""
+    """DeepLabv3+: ASPP on `feature` (C5; default output stride 16) and a decoder over
+    `low_level` (C2)."""
     common = _common(dtype, param_dtype, axis_name)
     bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
-    rates = _rates(bb, (low_level, "C5"), atrous_rates, "DeepLabV3PlusHead")
-    head = DeepLabV3PlusHead(num_classes, low_level=low_level, atrous_rates=rates,
+    rates = _rates(bb, (low_level, feature), atrous_rates, "DeepLabV3PlusHead")
+    head = DeepLabV3PlusHead(num_classes, feature=feature, low_level=low_level, atrous_rates=rates,
                              **deeplab_style(style, plus=True), **common)
     return Segmenter(bb, head)
 
@@ -231,5 +232,8 @@ def deeplabv3plus_xception65(num_classes: int = 21, output_stride: int = 16, **k
 
 @register_model("segmenter")
 def deeplabv3plus_mobilenet_v2(num_classes: int = 21, output_stride: int = 16, **kwargs):
-    """DeepLabv3+ on MobileNetV2 (torchvision style; C2 = the last stride-4 unit, 24 ch)."""
-    return deeplabv3plus("mobilenet_v2", num_classes, output_stride, **kwargs)
+    """DeepLabv3+ on MobileNetV2 (torchvision style). As TF DeepLab ('layer_18') and common
+    PyTorch ports, ASPP reads the last inverted residual (`features_17`, 320 channels), not
+    C5 after the 1280-channel conv; the low-level feature is C2 (24 channels, stride 4)."""
+    return deeplabv3plus("mobilenet_v2", num_classes, output_stride, feature="features_17",
+                         out_features=("C2", "features_17"), **kwargs)

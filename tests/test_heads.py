@@ -239,7 +239,7 @@ V3PLUS = [("deeplabv3plus_xception65", 16), ("deeplabv3plus_xception65", 8),
 V3PLUS_PARAMS = {  # backbone, head (21 classes); the same at every output stride
     "deeplabv3plus_xception65": (37867312, 3188101),
     "deeplabv3plus_resnet101": (42500160, 16844149),
-    "deeplabv3plus_mobilenet_v2": (2223872, 11131381),
+    "deeplabv3plus_mobilenet_v2": (2223872, 4004341),  # ASPP on features_17 (320 ch)
 }
 
 
@@ -253,7 +253,7 @@ def test_deeplabv3plus_shapes_and_counts(name, output_stride):
     print(f"{name} OS{output_stride}: params (backbone, head) {counts} total {sum(counts)}")
     assert counts == V3PLUS_PARAMS[name]
     strides = {f.name: f.stride for f in model.backbone.feature_info}
-    assert (strides["C2"], strides["C5"]) == (4, output_stride)
+    assert (strides["C2"], strides[model.head.feature]) == (4, output_stride)
     rates = model.head.atrous_rates
     assert rates == ((6, 12, 18) if output_stride == 16 else (12, 24, 36))
 
