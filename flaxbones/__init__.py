@@ -9,5 +9,5 @@ from flaxbones.weights import load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model", "get_spec",
-           "list_backbones", "list_models", "load_pretrained"]
+__all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model",
+           "get_spec", "list_backbones", "list_models", "load_pretrained"]
