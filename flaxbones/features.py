@@ -73,3 +73,29 @@ def check_images(x, channels: int = 3, min_size: int = 1):
     if min(shape[1:3]) < min_size:
         raise ValueError(f"images of {shape[1]}x{shape[2]} are smaller than the "
                          f"{min_size}x{min_size} this model needs")
+
+
+def sequence_taps(strides: Sequence[int], channels: Sequence[int], plans: Sequence[StridePlan],
+                  out_features: Sequence[str] | None = None,
+                  unit_names: Sequence[str] = ()) -> dict[str, tuple[int, FeatureInfo]]:
+    """Where a backbone built as one flat sequence of units (torchvision's `features`) taps.
+
+    Returns {name: (unit index, FeatureInfo)}. Level Ck is the output of the last unit whose
+    nominal stride is 2^k; `plans` give the actual strides. A unit may also be requested by
+    its name in `unit_names` (e.g. 'features_4') through `out_features`, for heads that tap
+    a reference mid-stage; by default only the C-levels are returned.
+    """
+    nominal = actual = 1
+    levels, units = {}, {}
+    for i, (stride, width, plan) in enumerate(zip(strides, channels, plans)):
+        nominal, actual = nominal * stride, actual * plan.stride
+        level = f"C{nominal.bit_length() - 1}"
+        if level in LEVELS:
+            levels[level] = (i, FeatureInfo(level, actual, width))
+        if i < len(unit_names):
+            units[unit_names[i]] = (i, FeatureInfo(unit_names[i], actual, width))
+    if out_features is None:
+        return levels
+    every = {**levels, **units}
+    return {info.name: every[info.name]
+            for info in select_features([info for _, info in every.values()], out_features)}

@@ -1,8 +1,11 @@
 """Small shared blocks: conv-norm-act, PyTorch-exact BatchNorm, padding and pooling."""
 from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
+from flaxbones.layers.inverted_residual import InvertedResidual, make_divisible
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding, torch_padding
 from flaxbones.layers.pooling import global_avg_pool, max_pool
+from flaxbones.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["BatchNorm", "ConvNormAct", "ModuleDef", "conv_padding", "global_avg_pool",
-           "kaiming_fan_out", "max_pool", "torch_padding"]
+__all__ = ["BatchNorm", "ConvNormAct", "InvertedResidual", "ModuleDef", "SqueezeExcite",
+           "conv_padding", "global_avg_pool", "kaiming_fan_out", "make_divisible", "max_pool",
+           "torch_padding"]

@@ -1,0 +1,111 @@
+"""MobileNet V2 in torchvision's layout: `features.0` stem, `features.1..17` inverted
+residuals, `features.18` the 1x1 conv to 1280 channels; flax modules are named `features_N`."""
+from functools import partial
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
+from flaxbones.layers import (BatchNorm, ConvNormAct, InvertedResidual, kaiming_fan_out,
+                              make_divisible)
+from flaxbones.registry import register_variants
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+
+# t (expansion), c (channels), n (blocks), s (stride of the first): torchvision's table.
+SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+            (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNet V2 backbone, channels rounded exactly as torchvision for any `width_mult`.
+
+    C1..C5 are the last unit at strides 2..32: `features.1, .3, .6, .13, .18` (C5 includes the
+    final 1x1 conv, as torchvision's `features` does). `out_features` may also name any unit
+    ('features_4'). `output_stride` 8/16 dilates the depthwise convs with torchvision/timm
+    semantics (the first block of a dilated stage keeps the previous dilation).
+    """
+
+    width_mult: float = 1.0
+    round_nearest: int = 8
+    output_stride: int = 32
+    out_features: Sequence[str] | None = None
+    bn_epsilon: float = 1e-5
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def _units(self):
+        """(stride, channels, expansion) per unit of torchvision's `features`."""
+        def width(c):
+            return make_divisible(c * self.width_mult, self.round_nearest)
+        units = [(2, width(32), None)]
+        for t, c, n, s in SETTINGS:
+            units += [(s if i == 0 else 1, width(c), t) for i in range(n)]
+        last = make_divisible(1280 * max(1.0, self.width_mult), self.round_nearest)
+        return units + [(1, last, None)]
+
+    @property
+    def _taps(self):
+        strides, channels, _ = zip(*self._units)
+        plans = plan_output_stride(strides, self.output_stride)
+        names = [f"features_{i}" for i in range(len(strides))]
+        return plans, sequence_taps(strides, channels, plans, self.out_features, names)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return tuple(info for _, info in self._taps[1].values())
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_images(x)
+        plans, taps = self._taps
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=kaiming_fan_out)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
+        outputs = []
+        for n, ((_, channels, t), plan) in enumerate(zip(self._units, plans)):
+            if t is None:
+                k = 3 if n == 0 else 1
+                x = ConvNormAct(channels, k, plan.stride, conv=conv, norm=norm, act=nn.relu6,
+                                name=f"features_{n}")(x)
+            else:
+                x = InvertedResidual(channels, int(round(x.shape[-1] * t)), 3, plan.stride,
+                                     plan.first_dilation, act=nn.relu6, conv=conv, norm=norm,
+                                     name=f"features_{n}")(x)
+            outputs.append(x)
+        return {name: outputs[i] for name, (i, _) in taps.items()}
+
+
+# features.1 has no expand conv, so its torch indices are one lower than the other blocks'.
+TORCH_MOBILENET_V2 = WeightSource(
+    "torchvision",
+    rules=(
+        (r"features\.(\d+)\.0", r"backbone/features_\1/conv"),
+        (r"features\.(\d+)\.1", r"backbone/features_\1/bn"),
+        (r"features\.1\.conv\.0\.0", r"backbone/features_1/dw/conv"),
+        (r"features\.1\.conv\.0\.1", r"backbone/features_1/dw/bn"),
+        (r"features\.1\.conv\.1", r"backbone/features_1/project/conv"),
+        (r"features\.1\.conv\.2", r"backbone/features_1/project/bn"),
+        (r"features\.(\d+)\.conv\.0\.0", r"backbone/features_\1/expand/conv"),
+        (r"features\.(\d+)\.conv\.0\.1", r"backbone/features_\1/expand/bn"),
+        (r"features\.(\d+)\.conv\.1\.0", r"backbone/features_\1/dw/conv"),
+        (r"features\.(\d+)\.conv\.1\.1", r"backbone/features_\1/dw/bn"),
+        (r"features\.(\d+)\.conv\.2", r"backbone/features_\1/project/conv"),
+        (r"features\.(\d+)\.conv\.3", r"backbone/features_\1/project/bn"),
+        (r"classifier\.1", r"head/fc"),
+    ),
+    **TORCH_IMAGENET,
+)
+
+# torchvision's classifier is Dropout(0.2) + Linear: the default head with drop_rate=0.2.
+register_variants("mobilenet_v2", weights=TORCH_MOBILENET_V2, variants={
+    "mobilenet_v2_050": partial(MobileNetV2, width_mult=0.5),
+    "mobilenet_v2_075": partial(MobileNetV2, width_mult=0.75),
+    "mobilenet_v2": MobileNetV2,
+    "mobilenet_v2_140": partial(MobileNetV2, width_mult=1.4),
+})

@@ -1,0 +1,146 @@
+"""MobileNet V3 large/small in torchvision's layout: `features.0` stem, `features.1..n`
+inverted residuals, `features.n+1` the 1x1 conv to 6x the last width; flax modules are
+named `features_N`, so torchvision keys (also those of its segmentation models) map by index."""
+from functools import partial
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
+from flaxbones.layers import (BatchNorm, ConvNormAct, InvertedResidual, SqueezeExcite,
+                              global_avg_pool, kaiming_fan_out, make_divisible)
+from flaxbones.registry import register_variants
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+
+# (kernel, expanded, out, SE, activation, stride) per block: torchvision's (and the paper's)
+# Tables 1 and 2; both start from a 16-channel stem.
+LARGE = (
+    (3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
+    (5, 72, 40, True, "RE", 2), (5, 120, 40, True, "RE", 1), (5, 120, 40, True, "RE", 1),
+    (3, 240, 80, False, "HS", 2), (3, 200, 80, False, "HS", 1), (3, 184, 80, False, "HS", 1),
+    (3, 184, 80, False, "HS", 1), (3, 480, 112, True, "HS", 1), (3, 672, 112, True, "HS", 1),
+    (5, 672, 160, True, "HS", 2), (5, 960, 160, True, "HS", 1), (5, 960, 160, True, "HS", 1),
+)
+SMALL = (
+    (3, 16, 16, True, "RE", 2), (3, 72, 24, False, "RE", 2), (3, 88, 24, False, "RE", 1),
+    (5, 96, 40, True, "HS", 2), (5, 240, 40, True, "HS", 1), (5, 240, 40, True, "HS", 1),
+    (5, 120, 48, True, "HS", 1), (5, 144, 48, True, "HS", 1), (5, 288, 96, True, "HS", 2),
+    (5, 576, 96, True, "HS", 1), (5, 576, 96, True, "HS", 1),
+)
+STEM = 16
+ACTS = {"RE": nn.relu, "HS": nn.hard_swish}  # hard-swish: x * relu6(x + 3) / 6, as torch
+
+
+class MobileNetV3(nn.Module):
+    """MobileNet V3 backbone (torchvision; BatchNorm eps 1e-3, torch momentum 0.01).
+
+    C1..C5 are the last unit at strides 2..32 (large: `features.1, .3, .6, .12, .16`; small:
+    `features.0, .1, .3, .8, .12`); C5 includes the final 1x1 conv (960 / 576 channels).
+    `out_features` may also name any unit, e.g. 'features_4', the tap of torchvision's LR-ASPP
+    'low' and DeepLabv3 'aux'. `output_stride=16` is torchvision's `dilated=True` (the
+    segmentation backbones): every block of a dilated stage, its first included, uses the new
+    dilation, unlike ResNet; channels are not reduced (that is `reduced_tail`, unused there).
+    """
+
+    blocks: Sequence[tuple] = LARGE
+    output_stride: int = 32
+    out_features: Sequence[str] | None = None
+    bn_epsilon: float = 1e-3
+    bn_momentum: float = 0.99
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def _taps(self):
+        strides = (2, *(b[-1] for b in self.blocks), 1)
+        channels = (STEM, *(b[2] for b in self.blocks), 6 * self.blocks[-1][2])
+        plans = plan_output_stride(strides, self.output_stride)
+        names = [f"features_{i}" for i in range(len(strides))]
+        return plans, channels, sequence_taps(strides, channels, plans, self.out_features, names)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return tuple(info for _, info in self._taps[2].values())
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_images(x)
+        plans, channels, taps = self._taps
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=kaiming_fan_out)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvNormAct(STEM, 3, 2, conv=conv, norm=norm, act=nn.hard_swish, name="features_0")(x)
+        outputs = [x]
+        for n, ((k, expanded, out, se, act, _), plan) in enumerate(zip(self.blocks, plans[1:]), 1):
+            se = partial(SqueezeExcite, make_divisible(expanded // 4), gate=nn.hard_sigmoid,
+                         conv=conv) if se else None
+            x = InvertedResidual(out, expanded, k, plan.stride, plan.dilation, act=ACTS[act],
+                                 se=se, conv=conv, norm=norm, name=f"features_{n}")(x)
+            outputs.append(x)
+        outputs.append(ConvNormAct(channels[-1], 1, conv=conv, norm=norm, act=nn.hard_swish,
+                                   name=f"features_{len(outputs)}")(x))
+        return {name: outputs[i] for name, (i, _) in taps.items()}
+
+
+class MobileNetV3Head(nn.Module):
+    """torchvision's classifier: pool C5 -> Linear `hidden` -> hard-swish -> dropout -> `fc`.
+
+    `num_classes=0` returns the pooled C5 features.
+    """
+
+    num_classes: int
+    drop_rate: float = 0.0
+    hidden_channels: int = 1280
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        x = global_avg_pool(features["C5"])
+        if self.num_classes == 0:
+            return x
+        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(0.01))
+        x = nn.hard_swish(dense(self.hidden_channels, name="hidden")(x))
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        return dense(self.num_classes, name="fc")(x)
+
+
+def torch_rules(blocks=LARGE, src: str = r"features", dst: str = "backbone/"):
+    """Key rules from torchvision's `{src}.N.block.K.*` onto flax `{dst}features_N/<part>`.
+
+    A block's torch indices K count only the parts it has (expand?, dw, se?, project), so
+    the rules are derived from the block table. `src=r"backbone"` maps the backbone of
+    torchvision's segmentation models (keys 'backbone.N...').
+    """
+    rules = [(rf"{src}\.(\d+)\.0", rf"{dst}features_\1/conv"),
+             (rf"{src}\.(\d+)\.1", rf"{dst}features_\1/bn")]
+    width = STEM
+    for n, (_, expanded, out, se, _, _) in enumerate(blocks, 1):
+        parts = ("expand",) * (expanded != width) + ("dw",) + ("se",) * se + ("project",)
+        for k, part in enumerate(parts):
+            at, to = rf"{src}\.{n}\.block\.{k}", f"{dst}features_{n}/{part}"
+            if part == "se":
+                rules.append((rf"{at}\.(fc[12])", rf"{to}/\1"))
+            else:
+                rules += [(rf"{at}\.0", f"{to}/conv"), (rf"{at}\.1", f"{to}/bn")]
+        width = out
+    return tuple(rules)
+
+
+def _source(blocks):
+    head = ((r"classifier\.0", "head/hidden"), (r"classifier\.3", "head/fc"))
+    return WeightSource("torchvision", rules=torch_rules(blocks) + head, **TORCH_IMAGENET)
+
+
+# torchvision's classifier drops with p=0.2 in training: pass drop_rate=0.2 to match it.
+register_variants("mobilenet_v3", weights=_source(LARGE),
+                  head=partial(MobileNetV3Head, hidden_channels=1280),
+                  variants={"mobilenet_v3_large": partial(MobileNetV3, blocks=LARGE)})
+register_variants("mobilenet_v3", weights=_source(SMALL),
+                  head=partial(MobileNetV3Head, hidden_channels=1024),
+                  variants={"mobilenet_v3_small": partial(MobileNetV3, blocks=SMALL)})
