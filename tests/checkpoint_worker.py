@@ -33,9 +33,12 @@ from flax import struct  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import flaxbones as fb  # noqa: E402
+from flaxbones.backbones.resnet import BasicBlock, ResNet  # noqa: E402
+from flaxbones.heads import ClassifierHead  # noqa: E402
 from flaxbones.train.checkpoint import Checkpoints, PreemptionGuard, abstract_state_like  # noqa: E402
 
-MODEL = fb.create_model("resnet18", num_classes=4, drop_rate=0.2)
+MODEL = fb.Classifier(ResNet(block=BasicBlock, layers=(1, 1, 1, 1)),
+                      ClassifierHead(num_classes=4, drop_rate=0.2))
 TX = optax.sgd(0.05, momentum=0.9)
 BATCH, SIZE = 8, 32
 

@@ -4,6 +4,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.features import LEVELS
 from flaxbones.layers import global_avg_pool
 
 # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -18,7 +19,7 @@ def torch_bias_init(fan_in: int):
 
 
 class ClassifierHead(nn.Module):
-    """Pool the deepest feature level (or `feature`), dropout, dense `fc`.
+    """Pool the deepest C-level (or `feature`), dropout, dense `fc`.
 
     `num_classes=0` returns the pooled features (timm's `reset_classifier(0)`).
     """
@@ -31,7 +32,8 @@ class ClassifierHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
-        x = features[self.feature or max(features)]
+        levels = [name for name in features if name in LEVELS] or list(features)
+        x = features[self.feature or max(levels)]
         x = global_avg_pool(x)
         if self.num_classes == 0:
             return x
