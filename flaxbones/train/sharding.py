@@ -45,6 +45,10 @@ def _fits(spec: P, shape, mesh: Mesh) -> bool:
         return False
     for dim, axes in zip(shape, spec):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        unknown = [a for a in axes if a not in mesh.shape]
+        if unknown:
+            raise ValueError(f"sharding rule {spec} names mesh axes {unknown} that the mesh "
+                             f"{tuple(mesh.axis_names)} lacks")
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if dim % size:
             return False

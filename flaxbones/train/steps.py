@@ -105,7 +105,7 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
         new = new.replace(loss_scale=state.loss_scale.update(grads_finite))
         sums = {**sums, "loss_scale": state.loss_scale.scale}
     metrics = {"loss_sum": loss_sum, "count": count, **sums,
-               "grad_norm": optax.global_norm(grads), "finite": finite, "skipped": ~keep}
+               "grad_norm": optax.tree.norm(grads), "finite": finite, "skipped": ~keep}
     return new, metrics
 
 
