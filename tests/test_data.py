@@ -136,7 +136,8 @@ def test_global_arrays_on_a_mesh(shapes_dir):
         assert value.sharding.spec == jax.sharding.PartitionSpec("data")
     with pytest.raises(ValueError, match="not divisible by the mesh's 'data' axis of size 2"):
         fbd.classification_pipeline(TINY, batch_size=3, train=True, data_dir=shapes_dir,
-                                    model="resnet18", mesh=jax.sharding.AbstractMesh((2,), ("data",)))
+                                    model="resnet18",
+                                    mesh=jax.sharding.AbstractMesh((2,), ("data",)))
 
 
 @pytest.fixture
@@ -160,8 +161,9 @@ def test_mock_classification(mocked, name):
     assert batch["label"].shape == (2,) and batch["label"].dtype == np.int32
     assert train.num_classes == {"cifar10": 10, "imagenet2012": 1000}[name]
     assert ((batch["label"] >= 0) & (batch["label"] < train.num_classes)).all()
-    mean, std = np.array(fbd.normalization("resnet50")[0]), np.array(fbd.normalization("resnet50")[1])
-    assert (batch["image"] >= -mean / std - 1e-5).all() and (batch["image"] <= (1 - mean) / std + 1e-5).all()
+    mean, std = map(np.array, fbd.normalization("resnet50"))
+    assert (batch["image"] >= -mean / std - 1e-5).all()
+    assert (batch["image"] <= (1 - mean) / std + 1e-5).all()
     evaluation = fbd.classification_pipeline(name, batch_size=4, train=False, image_size=24,
                                              model="resnet50", process_index=0, process_count=2)
     batches = list(evaluation)  # mock data ignores the split: 5 examples per host
@@ -188,6 +190,15 @@ def test_mock_oxford_pet_segmentation(mocked):
     pets = fbd.classification_pipeline("oxford_iiit_pet", batch_size=2, train=True,
                                        image_size=16, model="resnet50")
     assert pets.num_classes == 37
+
+
+def test_mock_cityscapes_maps_label_ids_to_train_ids(mocked):
+    mocked(num_examples=1)  # 1024x2048 images of every raw id 0..255
+    evaluation = fbd.segmentation_pipeline("cityscapes", batch_size=1, train=False,
+                                           eval_size=(64, 128), model="resnet50")
+    (batch,) = list(evaluation)
+    assert batch["image"].shape == (1, 64, 128, 3) and evaluation.num_classes == 19
+    assert set(np.unique(batch["segmentation"])) == set(range(19)) | {255}
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path, offline):

@@ -54,11 +54,11 @@ def render(rng: np.random.Generator, size: int, max_shapes: int = 3):
     """One example: (image uint8 (size, size, 3), mask uint8 (size, size))."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     bg = rng.uniform(40, 215, 3)
-    image = np.broadcast_to(bg, (size, size, 3)).copy()
+    image = np.broadcast_to(bg.astype(np.float32), (size, size, 3)).copy()
     for _ in range(2):
         freq, theta, phase = rng.uniform(0.1, 0.5), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
         wave = np.sin(freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
-        image += rng.uniform(8, 20) * wave[..., None] * rng.uniform(-1, 1, 3)
+        image += wave[..., None] * (rng.uniform(8, 20) * rng.uniform(-1, 1, 3)).astype(np.float32)
     mask = np.zeros((size, size), np.uint8)
     placed = []
     for _ in range(rng.integers(1, max_shapes + 1)):
@@ -78,7 +78,7 @@ def render(rng: np.random.Generator, size: int, max_shapes: int = 3):
         inside = _shape_mask(kind, yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
         image[inside] = colour + rng.normal(0, 6, (int(inside.sum()), 3))
         mask[inside] = kind
-    image += rng.normal(0, 6, image.shape)
+    image += 6 * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
 
 

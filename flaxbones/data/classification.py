@@ -43,8 +43,8 @@ def classification_pipeline(name: str = "flaxbones_shapes", split: str | None = 
         return {"image": image, "label": tf.cast(example[spec.label_key], tf.int32)}
 
     num_classes = builder.info.features[spec.label_key].num_classes
-    return pipeline.build(builder, split, preprocess, batch_size=batch_size, train=train,
-                          pad_values={}, num_classes=num_classes, mesh=mesh,
-                          data_axis=data_axis, seed=seed, cache=cache,
-                          shuffle_buffer=shuffle_buffer, process_index=process_index,
-                          process_count=process_count)
+    return pipeline.build(builder, split, (spec.image_key, spec.label_key), preprocess,
+                          batch_size=batch_size, train=train, pad_values={},
+                          num_classes=num_classes, mesh=mesh, data_axis=data_axis, seed=seed,
+                          cache=cache, shuffle_buffer=shuffle_buffer,
+                          process_index=process_index, process_count=process_count)

@@ -78,10 +78,11 @@ def normalization(model=None, mean=None, std=None):
     return mean, std
 
 
-def build(builder, split, preprocess, *, batch_size, train, pad_values, num_classes, mesh=None,
-          data_axis="data", seed=0, cache=False, shuffle_buffer=10_000, process_index=None,
-          process_count=None) -> Pipeline:
-    """Read this host's part of `split`, map `preprocess(example, seed)`, batch.
+def build(builder, split, keys, preprocess, *, batch_size, train, pad_values, num_classes,
+          mesh=None, data_axis="data", seed=0, cache=False, shuffle_buffer=10_000,
+          process_index=None, process_count=None) -> Pipeline:
+    """Read features `keys` of this host's part of `split`, map `preprocess(example, seed)`,
+    batch. Images stay encoded through cache and shuffle buffer; they are decoded in the map.
 
     Train: shuffled files and examples, endless repeat, full batches. Eval: one pass in
     order, padded with `pad_values`-filled examples (`valid=False`) so that every host
@@ -98,19 +99,26 @@ def build(builder, split, preprocess, *, batch_size, train, pad_values, num_clas
     counts = sources.host_counts(builder, split, count)
     host_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
+    features = builder.info.features
+    late = [k for k in keys if isinstance(features[k], tfds.features.Image)]
+    decoders = tfds.decode.PartialDecoding(
+        dict.fromkeys(keys, True), decoders={k: tfds.decode.SkipDecoding() for k in late})
     ds = builder.as_dataset(split=sources.host_split(split, index, count), shuffle_files=train,
-                            read_config=tfds.ReadConfig(shuffle_seed=host_seed))
+                            decoders=decoders, read_config=tfds.ReadConfig(shuffle_seed=host_seed))
+
+    def prepare(example, seed):
+        example = {**example, **{k: features[k].decode_example(example[k]) for k in late}}
+        return {**preprocess(example, seed), "valid": tf.constant(True)}
+
     if cache:
         ds = ds.cache()
     if train:
         ds = ds.shuffle(shuffle_buffer, seed=host_seed).repeat()
         ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=host_seed).batch(2))
-        ds = ds.map(lambda ex, s: _valid(preprocess(ex, s), True),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
         num_batches = None
     else:
-        ds = ds.map(lambda ex: _valid(preprocess(ex, None), True),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda ex: prepare(ex, None), num_parallel_calls=tf.data.AUTOTUNE)
         num_batches = sources.eval_batches(counts, local)
         pad = {k: tf.fill(s.shape, tf.cast(pad_values.get(k, 0), s.dtype))
                for k, s in ds.element_spec.items()}
@@ -120,6 +128,3 @@ def build(builder, split, preprocess, *, batch_size, train, pad_values, num_clas
     ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return Pipeline(ds, batch_size, sum(counts), num_batches, num_classes, mesh, data_axis)
 
-
-def _valid(example, value):
-    return {**example, "valid": tf.constant(value)}

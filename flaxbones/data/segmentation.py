@@ -57,8 +57,8 @@ def segmentation_pipeline(name: str = "flaxbones_shapes", split: str | None = No
         return {"image": tf.ensure_shape(image, (*size, 3)),
                 "segmentation": tf.ensure_shape(mask[..., 0], size)}
 
-    return pipeline.build(builder, split, preprocess, batch_size=batch_size, train=train,
-                          pad_values={"segmentation": ignore},
+    return pipeline.build(builder, split, (spec.image_key, spec.segmentation_key), preprocess,
+                          batch_size=batch_size, train=train, pad_values={"segmentation": ignore},
                           num_classes=len(spec.segmentation_classes) or None, mesh=mesh,
                           data_axis=data_axis, seed=seed, cache=cache,
                           shuffle_buffer=shuffle_buffer, process_index=process_index,
