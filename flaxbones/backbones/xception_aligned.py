@@ -1,0 +1,155 @@
+"""DeepLab's aligned Xception (65, 71), laid out as timm's `xception_aligned.py`.
+
+Feature taps (all before the ReLU that timm's `features_only` hooks, so timm's features
+are relu(C_k)): C1..C4 are the outputs of the second separable conv of each strided block,
+at that block's input stride (DeepLab's `.../xception_module/separable_conv2_pointwise`;
+C2 is DeepLab v3+'s low-level feature); C5 is the last block's output (already a ReLU).
+"""
+from functools import partial
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
+from flaxbones.layers import BatchNorm, ConvNormAct, ModuleDef, SeparableConv, kaiming_fan_out
+from flaxbones.registry import register_variants
+from flaxbones.weights.source import WeightSource
+
+
+class XceptionModule(nn.Module):
+    """Three separable convs, the third strided, plus an identity or 1x1 conv shortcut.
+
+    Returns (output, tap), the tap being the second separable conv's output. With
+    `start_with_relu=False` (the last block) the ReLUs sit inside the separable convs and
+    there is no shortcut. `unit_rates` multiply `dilation` per conv (DeepLab's multi-grid).
+    `projection` (the 1x1 conv) follows the block's nominal stride, so it survives dilation.
+    """
+
+    out_chs: Sequence[int]
+    projection: bool
+    stride: int = 1
+    dilation: int = 1
+    unit_rates: Sequence[int] = (1, 1, 1)
+    start_with_relu: bool = True
+    padding: str = "torch"
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+
+    @nn.compact
+    def __call__(self, x):
+        sep = partial(SeparableConv, padding=self.padding, conv=self.conv, norm=self.norm,
+                      act=None if self.start_with_relu else nn.relu)
+        y, tap = x, None
+        for i, (features, rate) in enumerate(zip(self.out_chs, self.unit_rates)):
+            tap = y if i == 2 else tap
+            y = nn.relu(y) if self.start_with_relu else y
+            y = sep(features, stride=self.stride if i == 2 else 1, dilation=self.dilation * rate,
+                    name=f"conv{i + 1}")(y)
+        if not self.start_with_relu:
+            return y, tap
+        if self.projection:
+            x = ConvNormAct(self.out_chs[-1], 1, self.stride, padding=self.padding, conv=self.conv,
+                            norm=self.norm, act=None, name="shortcut")(x)
+        return y + x, tap
+
+
+class XceptionAligned(nn.Module):
+    """Aligned Xception backbone returning {C1..C5} (see the module docstring for the taps).
+
+    `entry` is the entry flow as (channels, stride) blocks and `middle` the number of
+    728-channel middle-flow blocks; the exit flow is fixed. `output_stride` 8/16 dilates as
+    timm and DeepLab do: a strided block turned dilated runs all its convs at the previous
+    dilation, the blocks after it at the multiplied one. `multi_grid` multiplies the last
+    block's three dilations (DeepLab's exit-flow `unit_rate_list`). `padding='same'` (TF
+    'SAME') is for checkpoints trained with native 'SAME' on strided convs; DeepLab's and
+    timm's pad symmetrically ('torch'). BatchNorm epsilon 1e-3 as DeepLab and timm.
+    A dilated block keeps its 1x1 conv shortcut as DeepLab does (timm drops it when the
+    channels do not change: xception71 at output_stride 8, whose weights then do not fit).
+    """
+
+    entry: Sequence[tuple[int, int]]
+    middle: int = 16
+    output_stride: int = 32
+    multi_grid: Sequence[int] | None = None
+    out_features: Sequence[str] | None = None
+    padding: str = "torch"
+    bn_epsilon: float = 1e-3
+    bn_momentum: float = 0.9
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._plans()  # an unsupported output_stride fails at construction
+        if self.multi_grid is not None and len(self.multi_grid) != 3:
+            raise ValueError(f"multi_grid needs one rate per separable conv of the last block "
+                             f"(3), got {tuple(self.multi_grid)}")
+
+    @nn.nowrap
+    def _blocks(self) -> list[tuple[tuple[int, int, int], int]]:
+        """(out_chs, nominal stride) per block: entry, middle and exit flow."""
+        blocks = [((c, c, c), s) for c, s in self.entry]
+        blocks += [((728, 728, 728), 1)] * self.middle
+        return blocks + [((728, 1024, 1024), 2), ((1536, 1536, 2048), 1)]
+
+    @nn.nowrap
+    def _plans(self):  # stem conv, then one unit per block
+        return plan_output_stride([2] + [s for _, s in self._blocks()], self.output_stride)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        plans = self._plans()
+        stride, infos = plans[0].stride, []
+        for (chs, nominal), plan in zip(self._blocks(), plans[1:]):
+            if nominal > 1:
+                infos.append(FeatureInfo(f"C{len(infos) + 1}", stride, chs[1]))
+            stride *= plan.stride
+        infos.append(FeatureInfo(f"C{len(infos) + 1}", stride, self._blocks()[-1][0][-1]))
+        return select_features(infos, self.out_features)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_images(x)
+        info = self.feature_info
+        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=kaiming_fan_out)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
+        layer = dict(padding=self.padding, conv=conv, norm=norm)
+        x = ConvNormAct(32, 3, 2, name="stem_0", **layer)(x)
+        x = ConvNormAct(64, 3, name="stem_1", **layer)(x)
+        blocks, feats = self._blocks(), {}
+        for i, ((chs, nominal), plan) in enumerate(zip(blocks, self._plans()[1:])):
+            last = i == len(blocks) - 1
+            rates = tuple(self.multi_grid) if last and self.multi_grid else (1, 1, 1)
+            projection = nominal != 1 or x.shape[-1] != chs[-1]
+            x, tap = XceptionModule(chs, projection, plan.stride, plan.first_dilation, rates,
+                                    start_with_relu=not last, name=f"blocks_{i}", **layer)(x)
+            if nominal > 1:
+                feats[f"C{len(feats) + 1}"] = tap
+        feats[f"C{len(feats) + 1}"] = x
+        return {f.name: feats[f.name] for f in info}
+
+
+# timm's xception65/71 (.tf_in1k from DeepLab's TF checkpoints, .ra3_in1k trained in timm).
+TIMM_XCEPTION_ALIGNED = WeightSource(
+    "timm",
+    rules=(
+        (r"stem\.(\d)\.(conv|bn)", r"backbone/stem_\1/\2"),
+        (r"blocks\.(\d+)\.shortcut\.(conv|bn)", r"backbone/blocks_\1/shortcut/\2"),
+        (r"blocks\.(\d+)\.stack\.(conv\d)\.(conv_dw|bn_dw|conv_pw|bn_pw)",
+         r"backbone/blocks_\1/\2/\3"),
+        (r"head\.fc", r"head/fc"),
+    ),
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=299,
+)
+
+
+register_variants("xception_aligned", weights=TIMM_XCEPTION_ALIGNED, variants={
+    "xception65": partial(XceptionAligned, entry=((128, 2), (256, 2), (728, 2)), middle=16),
+    "xception71": partial(XceptionAligned, entry=((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)),
+                          middle=16),
+})
