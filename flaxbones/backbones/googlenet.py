@@ -173,7 +173,7 @@ class GoogLeNetHead(nn.Module):
                            self.dtype, self.param_dtype)
         aux = {k: InceptionAux(self.num_classes, aux_rate, conv, self.dtype, self.param_dtype,
                                name=k)(features[k], train) for k in ("aux1", "aux2")}
-        return {"out": logits, **aux}
+        return {"out": logits, **aux} if train else logits  # aux params exist from init on
 
 
 def _rules():
