@@ -1,4 +1,4 @@
-"""VGG, GoogLeNet and AlexNet against torchvision: parity, parameter counts, feature_info, errors."""
+"""VGG, GoogLeNet and AlexNet against torchvision: parity, counts, feature_info, errors."""
 import copy
 import gc
 import types
@@ -66,10 +66,11 @@ def _flax_forward(model, variables, x, train, mutable=("intermediates",)):
 
 def _compare_features(feats, ref_feats, what):
     assert sorted(feats) == sorted(ref_feats), what
-    return {k: torch_ref.assert_close(feats[k], ref_feats[k], what=f"{what} {k}") for k in ref_feats}
+    return {k: torch_ref.assert_close(feats[k], ref_feats[k], what=f"{what} {k}")
+            for k in ref_feats}
 
 
-# name -> (torchvision reference with dropout off, hooks, flax create kwargs per mode)
+# name -> (torchvision reference with dropout off, its feature taps)
 REFERENCES = {
     "vgg11": (lambda: torchvision.models.vgg11(dropout=0.0), _vgg_taps),
     "vgg11_bn": (lambda: torchvision.models.vgg11_bn(dropout=0.0), _vgg_taps),

@@ -176,21 +176,20 @@ class GoogLeNetHead(nn.Module):
         return {"out": logits, **aux} if train else logits  # aux params exist from init on
 
 
-def _rules():
-    conv = r"\.(conv|bn)"
-    return (
-        (rf"(conv\d){conv}", r"backbone/\1/\2"),
-        (rf"(inception\d\w)\.branch1{conv}", r"backbone/\1/branch1/\2"),
-        (rf"(inception\d\w)\.branch(\d)\.(\d){conv}", r"backbone/\1/branch\2_\3/\4"),
-        (rf"(aux\d)\.conv{conv}", r"head/\1/conv/\2"),
-        (r"(aux\d)\.(fc\d)", r"head/\1/\2"),
-        (r"fc", r"head/fc"),
-    )
-
+_CBN = r"\.(conv|bn)"  # a BasicConv2d's two children
+TORCHVISION_RULES = (
+    (rf"(conv\d){_CBN}", r"backbone/\1/\2"),
+    (rf"(inception\d\w)\.branch1{_CBN}", r"backbone/\1/branch1/\2"),
+    (rf"(inception\d\w)\.branch(\d)\.(\d){_CBN}", r"backbone/\1/branch\2_\3/\4"),
+    (rf"(aux\d)\.conv{_CBN}", r"head/\1/conv/\2"),
+    (r"(aux\d)\.(fc\d)", r"head/\1/\2"),
+    (r"fc", r"head/fc"),
+)
 
 # torchvision's pretrained GoogLeNet runs with transform_input=True on ImageNet-normalised
 # input, which equals (x - 0.5) / 0.5: so the source asks for that normalisation instead.
-TORCH_GOOGLENET = WeightSource("torchvision", rules=_rules(), mean=(0.5,) * 3, std=(0.5,) * 3)
+TORCH_GOOGLENET = WeightSource("torchvision", rules=TORCHVISION_RULES,
+                               mean=(0.5,) * 3, std=(0.5,) * 3)
 
 register_variants("googlenet", weights=TORCH_GOOGLENET, head=GoogLeNetHead,
                   variants={"googlenet": GoogLeNet})

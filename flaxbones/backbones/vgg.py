@@ -93,7 +93,8 @@ def torchvision_vgg_source(stages, batch_norm: bool) -> WeightSource:
 # torchvision's classifier, with its init: Linear weights N(0, 0.01), zero biases.
 VGG_HEAD = partial(FCHead, pool_size=7, kernel_init=nn.initializers.normal(0.01), zero_bias=True)
 
-for _depth, _stages in STAGES.items():
+for _depth, _stages in STAGES.items():  # vgg11 ... vgg19_bn, each with its own key map
     for _bn in (False, True):
-        register_variants("vgg", head=VGG_HEAD, weights=torchvision_vgg_source(_stages, _bn), variants={
-            f"vgg{_depth}{'_bn' if _bn else ''}": partial(VGG, stages=_stages, batch_norm=_bn)})
+        _name = f"vgg{_depth}{'_bn' if _bn else ''}"
+        register_variants("vgg", head=VGG_HEAD, weights=torchvision_vgg_source(_stages, _bn),
+                          variants={_name: partial(VGG, stages=_stages, batch_norm=_bn)})
