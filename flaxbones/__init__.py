@@ -1,12 +1,13 @@
 """flaxbones: vision backbones and heads as pure Flax Linen modules."""
 from flaxbones import backbones as _backbones  # noqa: F401  (registers the families)
+from flaxbones import segmenters as _segmenters  # noqa: F401  (registers segmenters)
 from flaxbones.features import FeatureInfo
-from flaxbones.models import Classifier
+from flaxbones.models import Classifier, Segmenter
 from flaxbones.registry import (create_backbone, create_model, get_spec, list_backbones,
                                 list_models)
 from flaxbones.weights import load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["Classifier", "FeatureInfo", "create_backbone", "create_model", "get_spec",
+__all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model", "get_spec",
            "list_backbones", "list_models", "load_pretrained"]

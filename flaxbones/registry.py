@@ -86,12 +86,16 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     return spec.builder(**kwargs)
 
 
-def create_model(name: str, num_classes: int = 1000, drop_rate: float = 0.0, **kwargs) -> nn.Module:
-    """A backbone name gives a classifier (`num_classes=0`: pooled features); other
-    registered names (segmenter presets, ...) are built by their own builder."""
+def create_model(name: str, num_classes: int | None = None, drop_rate: float = 0.0,
+                 **kwargs) -> nn.Module:
+    """A backbone name gives a classifier (default 1000 classes; `num_classes=0`: pooled
+    features); other registered names (segmenter presets, ...) are built by their own
+    builder, with its own default `num_classes` (21 for torchvision's segmenters)."""
     spec = get_spec(name)
     if name in _MODELS:
-        return spec.builder(num_classes=num_classes, **kwargs)
+        return spec.builder(**({} if num_classes is None else {"num_classes": num_classes}),
+                            **kwargs)
+    num_classes = 1000 if num_classes is None else num_classes
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     from flaxbones.heads.classification import ClassifierHead

@@ -36,7 +36,8 @@ def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
     init = partial(model.init, train=False)
     rngs = {"params": jax.random.PRNGKey(0) if rng is None else rng}
     target = jax.eval_shape(init, rngs, images)
-    skip = (source.head_prefix,) if skip_head else ()
+    prefixes = source.head_prefix
+    skip = ((prefixes,) if isinstance(prefixes, str) else tuple(prefixes)) if skip_head else ()
     variables, report = convert_state_dict(state, target, source.rules, skip)
     if report.skipped:
         fresh = traverse_util.flatten_dict(jax.jit(init)(rngs, images), sep="/")

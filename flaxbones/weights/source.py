@@ -23,4 +23,4 @@ class WeightSource:
     std: tuple[float, ...] = IMAGENET_STD
     input_size: int = 224
     num_classes: int = 1000
-    head_prefix: str = "head/"
+    head_prefix: str | tuple[str, ...] = "head/"  # leaves `skip_head` may leave unloaded

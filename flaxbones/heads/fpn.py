@@ -1,0 +1,104 @@
+"""Feature Pyramid Network neck (torchvision's layout) and a semantic-FPN head on it."""
+from functools import partial
+from typing import Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.features import FeatureInfo
+from flaxbones.heads.base import SegmentationHead
+from flaxbones.layers import ConvNormAct, resize_bilinear, resize_nearest
+
+# torchvision's FPN init: kaiming_uniform(a=1), zero bias.
+fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+EXTRAS = (None, "pool", "p6p7")
+# torchvision.ops.FeaturePyramidNetwork's keys (under a model's own prefix) -> FPN paths.
+TORCHVISION_FPN_RULES = (
+    (r"inner_blocks\.(\d)\.0", r"lateral_\1"),
+    (r"layer_blocks\.(\d)\.0", r"output_\1"),
+    (r"extra_blocks\.(p6|p7)", r"\1"),
+)
+
+
+class FPN(nn.Module):
+    """Lateral 1x1 convs (`lateral_i`), nearest top-down sums, 3x3 output convs
+    (`output_i`): {C2..C5} -> {P2..P5} with `features` channels each, any input size.
+
+    `extra='pool'` adds P6 = stride-2 subsampling of P5 (torchvision's LastLevelMaxPool,
+    Faster R-CNN); `extra='p6p7'` adds P6 = 3x3/2 conv of P5 and P7 = 3x3/2 conv of
+    ReLU(P6) (RetinaNet, named `p6`, `p7`). Usable alone as a detection neck.
+    """
+
+    in_levels: Sequence[str] = ("C2", "C3", "C4", "C5")
+    features: int = 256
+    extra: str | None = None
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+
+    def out_levels(self) -> tuple[str, ...]:
+        names = tuple("P" + n[1:] for n in self.in_levels)
+        last = int(self.in_levels[-1][1:])
+        more = {None: 0, "pool": 1, "p6p7": 2}[self.extra]
+        return names + tuple(f"P{last + i}" for i in range(1, more + 1))
+
+    def feature_info(self, backbone_info) -> tuple[FeatureInfo, ...]:
+        """The P-levels this neck returns on a backbone with `backbone_info` (before init)."""
+        strides = {f.name: f.stride for f in backbone_info}
+        missing = [n for n in self.in_levels if n not in strides]
+        if missing:
+            raise ValueError(f"FPN needs levels {list(self.in_levels)}; the backbone lacks {missing}")
+        out = [strides[n] for n in self.in_levels]
+        out += [out[-1] * 2 ** i for i in range(1, len(self.out_levels()) - len(out) + 1)]
+        return tuple(FeatureInfo(n, s, self.features) for n, s in zip(self.out_levels(), out))
+
+    @nn.compact
+    def __call__(self, features: dict):
+        if self.extra not in EXTRAS:
+            raise ValueError(f"unknown FPN extra {self.extra!r}; choose one of {EXTRAS}")
+        conv = partial(nn.Conv, self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=fpn_init)
+        pad = ((1, 1), (1, 1))
+        outs, top = [], None
+        for i in reversed(range(len(self.in_levels))):
+            x = conv((1, 1), name=f"lateral_{i}")(features[self.in_levels[i]])
+            top = x if top is None else x + resize_nearest(top, x.shape[1:3])
+            outs.insert(0, conv((3, 3), padding=pad, name=f"output_{i}")(top))
+        if self.extra == "pool":
+            outs.append(outs[-1][:, ::2, ::2])
+        elif self.extra == "p6p7":
+            p6 = conv((3, 3), (2, 2), padding=pad, name="p6")(outs[-1])
+            outs += [p6, conv((3, 3), (2, 2), padding=pad, name="p7")(nn.relu(p6))]
+        return dict(zip(self.out_levels(), outs))
+
+
+class SemanticFPNHead(SegmentationHead):
+    """Panoptic FPN's semantic branch (detectron2's SemSegFPNHead): per P-level, 3x3
+    conv-GN-ReLU of `channels` and 2x bilinear upsampling until P2's size, summed, 1x1
+    `classifier`; logits at P2's stride. Upsampling goes to the next level's exact
+    size, so any input size works."""
+
+    in_levels: Sequence[str] = ("C2", "C3", "C4", "C5")
+    fpn_channels: int = 256
+    channels: int = 128
+    groups: int = 32
+
+    @property
+    def levels(self):
+        return tuple(self.in_levels)
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        pyramid = FPN(self.in_levels, self.fpn_channels, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="fpn")(features)
+        maps = [pyramid["P" + n[1:]] for n in self.in_levels]
+        norm = partial(nn.GroupNorm, num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
+                       param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        total = 0
+        for i, x in enumerate(maps):
+            for j in range(max(i, 1)):
+                x = ConvNormAct(self.channels, 3, conv=conv, norm=norm, name=f"scale{i}_{j}")(x)
+                if i > 0:
+                    x = resize_bilinear(x, maps[i - 1 - j].shape[1:3])
+            total = total + x
+        return self.classifier_def()(name="classifier")(total)

@@ -1,0 +1,194 @@
+"""Segmenters: generic builders (any backbone x any head) and torchvision-named presets.
+
+`fb.create_model("deeplabv3plus", backbone="xception65", num_classes=21, output_stride=16)`
+composes by name or with a backbone Module; the presets carry torchvision's names and
+WeightSources mapping torchvision segmentation state dicts onto these modules.
+"""
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.heads.aspp import atrous_rates_for
+from flaxbones.heads.deeplab import DeepLabV3Head, DeepLabV3PlusHead, deeplab_style
+from flaxbones.heads.fcn import FCNHead
+from flaxbones.heads.fpn import SemanticFPNHead
+from flaxbones.heads.lraspp import LRASPPHead
+from flaxbones.heads.unet import UNetHead
+from flaxbones.models import Segmenter, check_levels
+from flaxbones.registry import create_backbone, get_spec, register_model
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+
+
+def build_backbone(backbone, output_stride: int | None, default_stride: int, dtype=jnp.float32,
+                   param_dtype=jnp.float32, axis_name=None, **kwargs) -> nn.Module:
+    """A backbone from a registered name (built at `output_stride`, else the head's
+    default), or a given Module (whose stride must then agree with `output_stride`)."""
+    if isinstance(backbone, str):
+        extra = {"axis_name": axis_name} if axis_name is not None else {}
+        return create_backbone(backbone, output_stride=output_stride or default_stride,
+                               dtype=dtype, param_dtype=param_dtype, **extra, **kwargs)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a registered name or a flax Module, got {backbone!r}")
+    if kwargs:
+        raise ValueError(f"backbone options {sorted(kwargs)} apply only to a backbone given by name")
+    own = getattr(backbone, "output_stride", None)
+    if output_stride is not None and own is not None and own != output_stride:
+        raise ValueError(f"output_stride={output_stride} disagrees with the given backbone's "
+                         f"output_stride={own}; configure the backbone Module instead")
+    return backbone
+
+
+def _rates(backbone, levels, atrous_rates, who):
+    """ASPP rates: given, or DeepLab's for the stride of the deepest of `levels`."""
+    info = check_levels(backbone, levels, who)
+    return tuple(atrous_rates or atrous_rates_for(info[levels[-1]].stride))
+
+
+def _common(dtype, param_dtype, axis_name):
+    return dict(dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+
+
+def _aux(aux_loss, aux_level, num_classes, common):
+    return FCNHead(num_classes, feature=aux_level, **common) if aux_loss else None
+
+
+@register_model("segmenter")
+def deeplabv3(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
+              style: str = "torchvision", atrous_rates: Sequence[int] | None = None,
+              aux_loss: bool = False, aux_level: str = "C4", dtype: Any = jnp.float32,
+              param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+    """DeepLabv3 on C5 (default output stride 16; rates from the stride, or `atrous_rates`);
+    `style` 'torchvision' or 'tf'; `aux_loss` adds torchvision's FCN head on `aux_level`."""
+    common = _common(dtype, param_dtype, axis_name)
+    bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
+    rates = _rates(bb, ("C5",), atrous_rates, "DeepLabV3Head")
+    head = DeepLabV3Head(num_classes, atrous_rates=rates, **deeplab_style(style), **common)
+    return Segmenter(bb, head, _aux(aux_loss, aux_level, num_classes, common))
+
+
+@register_model("segmenter")
+def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
+                  output_stride: int | None = None, style: str = "torchvision",
+                  atrous_rates: Sequence[int] | None = None, low_level: str = "C2",
+                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                  axis_name: str | None = None, **backbone_kwargs):
+    """DeepLabv3+: ASPP on C5 (default output stride 16) and a decoder over `low_level`."""
+    common = _common(dtype, param_dtype, axis_name)
+    bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
+    rates = _rates(bb, (low_level, "C5"), atrous_rates, "DeepLabV3PlusHead")
+    head = DeepLabV3PlusHead(num_classes, low_level=low_level, atrous_rates=rates,
+                             **deeplab_style(style, plus=True), **common)
+    return Segmenter(bb, head)
+
+
+@register_model("segmenter")
+def fcn(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
+        aux_loss: bool = False, aux_level: str = "C4", dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+    """torchvision's FCN: FCNHead on C5 (default output stride 8), optional aux head."""
+    common = _common(dtype, param_dtype, axis_name)
+    bb = build_backbone(backbone, output_stride, 8, **common, **backbone_kwargs)
+    return Segmenter(bb, FCNHead(num_classes, **common),
+                     _aux(aux_loss, aux_level, num_classes, common))
+
+
+@register_model("segmenter")
+def lraspp(backbone: Any = "mobilenet_v3_large", num_classes: int = 21,
+           output_stride: int | None = None, low: str = "C3", high: str = "C5",
+           inter_channels: int = 128, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+           axis_name: str | None = None, **backbone_kwargs):
+    """Lite R-ASPP over `low` and `high` levels (default output stride 16)."""
+    common = _common(dtype, param_dtype, axis_name)
+    bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
+    return Segmenter(bb, LRASPPHead(num_classes, low=low, high=high,
+                                    inter_channels=inter_channels, **common))
+
+
+@register_model("segmenter")
+def fpn(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
+        fpn_channels: int = 256, channels: int = 128, dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+    """Semantic FPN (Panoptic FPN's semantic branch) over C2..C5, output stride 32."""
+    common = _common(dtype, param_dtype, axis_name)
+    bb = build_backbone(backbone, output_stride, 32, **common, **backbone_kwargs)
+    return Segmenter(bb, SemanticFPNHead(num_classes, fpn_channels=fpn_channels,
+                                         channels=channels, **common))
+
+
+@register_model("segmenter")
+def unet(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
+         decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), dtype: Any = jnp.float32,
+         param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+    """U-Net decoder over C1..C5, output stride 32."""
+    common = _common(dtype, param_dtype, axis_name)
+    bb = build_backbone(backbone, output_stride, 32, **common, **backbone_kwargs)
+    return Segmenter(bb, UNetHead(num_classes, decoder_channels=tuple(decoder_channels), **common))
+
+
+# --- torchvision presets: state dicts `backbone.*`, `classifier.*`, `aux_classifier.*` ---
+
+def backbone_rules(name: str, prefix: str = r"backbone\.") -> tuple:
+    """A backbone's own torch key rules, under a segmentation model's `backbone.` prefix."""
+    return tuple((prefix + pattern, template) for pattern, template in get_spec(name).weights.rules
+                 if template.startswith("backbone/"))
+
+
+def _fcn_rules(torch: str, flax: str) -> tuple:
+    """torchvision's FCNHead (Conv, BN, ReLU, Dropout, Conv) under `torch` -> `flax`."""
+    return ((rf"{torch}\.0", f"{flax}/conv/conv"), (rf"{torch}\.1", f"{flax}/conv/bn"),
+            (rf"{torch}\.4", f"{flax}/classifier"))
+
+
+_DEEPLAB_RULES = (  # DeepLabHead: ASPP, Conv, BN, ReLU, Conv; ASPP's convs.4 is the pooling
+    (r"classifier\.0\.convs\.4\.1", "head/aspp/pool/conv"),
+    (r"classifier\.0\.convs\.4\.2", "head/aspp/pool/bn"),
+    (r"classifier\.0\.convs\.(\d)\.0", r"head/aspp/convs_\1/conv"),
+    (r"classifier\.0\.convs\.(\d)\.1", r"head/aspp/convs_\1/bn"),
+    (r"classifier\.0\.project\.0", "head/aspp/project/conv"),
+    (r"classifier\.0\.project\.1", "head/aspp/project/bn"),
+    (r"classifier\.1", "head/conv/conv"), (r"classifier\.2", "head/conv/bn"),
+    (r"classifier\.4", "head/classifier"))
+_LRASPP_RULES = (
+    (r"classifier\.cbr\.0", "head/cbr/conv"), (r"classifier\.cbr\.1", "head/cbr/bn"),
+    (r"classifier\.scale\.1", "head/scale"),
+    (r"classifier\.(low|high)_classifier", r"head/\1_classifier"))
+_CLASSIFIERS = ("head/classifier", "aux_head/classifier")
+
+
+def torchvision_source(backbone: str, head_rules, head_prefix=_CLASSIFIERS) -> WeightSource:
+    """torchvision's segmentation weights (COCO with VOC labels: 21 classes)."""
+    return WeightSource("torchvision", backbone_rules(backbone) + tuple(head_rules),
+                        num_classes=21, head_prefix=head_prefix, **TORCH_IMAGENET)
+
+
+def _register_resnet_presets():
+    for depth in (50, 101):
+        bb = f"resnet{depth}"
+        fcn_rules = _fcn_rules("classifier", "head") + _fcn_rules("aux_classifier", "aux_head")
+        deeplab_rules = _DEEPLAB_RULES + _fcn_rules("aux_classifier", "aux_head")
+
+        def fcn_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
+                       _bb=bb, **kwargs):
+            return fcn(_bb, num_classes, output_stride, aux_loss=aux_loss, **kwargs)
+
+        def deeplab_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
+                           atrous_rates=(12, 24, 36), _bb=bb, **kwargs):
+            return deeplabv3(_bb, num_classes, output_stride, atrous_rates=atrous_rates,
+                             aux_loss=aux_loss, **kwargs)
+
+        fcn_preset.__name__, deeplab_preset.__name__ = f"fcn_{bb}", f"deeplabv3_{bb}"
+        fcn_preset.__doc__ = f"torchvision's fcn_{bb}: output stride 8, aux FCN head on C4."
+        deeplab_preset.__doc__ = (f"torchvision's deeplabv3_{bb}: output stride 8, rates "
+                                  "12/24/36, aux FCN head on C4.")
+        register_model("segmenter", torchvision_source(bb, fcn_rules))(fcn_preset)
+        register_model("segmenter", torchvision_source(bb, deeplab_rules))(deeplab_preset)
+
+
+_register_resnet_presets()
+
+
+@register_model("segmenter")
+def deeplabv3plus_resnet101(num_classes: int = 21, output_stride: int = 16, **kwargs):
+    """DeepLabv3+ on ResNet-101 (torchvision style, C2 low-level feature)."""
+    return deeplabv3plus("resnet101", num_classes, output_stride, **kwargs)
