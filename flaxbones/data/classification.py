@@ -17,7 +17,7 @@ def classification_pipeline(name: str = "flaxbones_shapes", split: str | None = 
                             mesh=None, data_axis: str = "data", seed: int = 0,
                             cache: bool = False, shuffle_buffer: int = 10_000,
                             process_index: int | None = None, process_count: int | None = None,
-                            spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
+                            start_batch: int = 0, spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
     """A `Pipeline` of classification batches of TFDS dataset `name` (see module docstring).
 
     `batch_size` is global (all hosts); `split` defaults to the dataset's train or eval
@@ -47,4 +47,5 @@ def classification_pipeline(name: str = "flaxbones_shapes", split: str | None = 
                           batch_size=batch_size, train=train, pad_values={},
                           num_classes=num_classes, mesh=mesh, data_axis=data_axis, seed=seed,
                           cache=cache, shuffle_buffer=shuffle_buffer,
-                          process_index=process_index, process_count=process_count)
+                          process_index=process_index, process_count=process_count,
+                          start_batch=start_batch)

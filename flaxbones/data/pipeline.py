@@ -80,11 +80,12 @@ def normalization(model=None, mean=None, std=None):
 
 def build(builder, split, keys, preprocess, *, batch_size, train, pad_values, num_classes,
           mesh=None, data_axis="data", seed=0, cache=False, shuffle_buffer=10_000,
-          process_index=None, process_count=None) -> Pipeline:
+          process_index=None, process_count=None, start_batch=0) -> Pipeline:
     """Read features `keys` of this host's part of `split`, map `preprocess(example, seed)`,
     batch. Images stay encoded through cache and shuffle buffer; they are decoded in the map.
 
-    Train: shuffled files and examples, endless repeat, full batches. Eval: one pass in
+    Train: shuffled files and examples, endless repeat, full batches; the stream is a
+    function of `seed` alone, so `start_batch=n` resumes exactly after n batches. Eval: one pass in
     order, padded with `pad_values`-filled examples (`valid=False`) so that every host
     yields the same number of full batches and every example appears exactly once.
     """
@@ -125,6 +126,9 @@ def build(builder, split, keys, preprocess, *, batch_size, train, pad_values, nu
         pad["valid"] = tf.constant(False)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(
             num_batches * local - counts[index]))
-    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(local, drop_remainder=True)
+    if train and start_batch:
+        ds = ds.skip(start_batch)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     return Pipeline(ds, batch_size, sum(counts), num_batches, num_classes, mesh, data_axis)
 

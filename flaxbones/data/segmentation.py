@@ -18,7 +18,7 @@ def segmentation_pipeline(name: str = "flaxbones_shapes", split: str | None = No
                           model: str | None = None, mean=None, std=None, mesh=None,
                           data_axis: str = "data", seed: int = 0, cache: bool = False,
                           shuffle_buffer: int = 1_000, process_index: int | None = None,
-                          process_count: int | None = None,
+                          process_count: int | None = None, start_batch: int = 0,
                           spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
     """A `Pipeline` of segmentation batches of TFDS dataset `name` (see module docstring).
 
@@ -62,7 +62,7 @@ def segmentation_pipeline(name: str = "flaxbones_shapes", split: str | None = No
                           num_classes=len(spec.segmentation_classes) or None, mesh=mesh,
                           data_axis=data_axis, seed=seed, cache=cache,
                           shuffle_buffer=shuffle_buffer, process_index=process_index,
-                          process_count=process_count)
+                          process_count=process_count, start_batch=start_batch)
 
 
 def _pair(size, what):
