@@ -39,8 +39,8 @@ def save_overlays(path, images, truths, preds, mean, std, class_names=None, alph
         picture = denormalize(image, mean, std)
         panels = [("image", picture)]
         if truths is not None:
-            panels.append(("ground truth", _blend(picture, colourize(truths[row]), alpha)))
-        panels.append(("prediction", _blend(picture, colourize(pred), alpha)))
+            panels.append(("ground truth", _blend(picture, truths[row], alpha)))
+        panels.append(("prediction", _blend(picture, pred, alpha)))
         for ax, (title, panel) in zip(axes[row], panels):
             ax.imshow(panel)
             ax.set_axis_off()
@@ -56,8 +56,11 @@ def save_overlays(path, images, truths, preds, mean, std, class_names=None, alph
     plt.close(fig)
 
 
-def _blend(image, colours, alpha):
-    return (image * (1 - alpha) + colours * alpha).astype(np.uint8)
+def _blend(image, mask, alpha):
+    """Colour the labelled pixels of `image`; background (class 0) shows through."""
+    mask = np.asarray(mask)
+    weight = np.where(mask == 0, 0.0, alpha)[..., None]
+    return (image * (1 - weight) + colourize(mask) * weight).astype(np.uint8)
 
 
 def plot_curves(metrics_log, path):

@@ -21,7 +21,8 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "configs")]  # pictures.py; configs import `common`
 import pictures  # noqa: E402
 
 import flaxbones as fb  # noqa: E402
@@ -114,7 +115,7 @@ def initial_state(config, model, policy, tx, mesh, input_shape, ckpt):
 
     if ckpt.latest_step is not None:
         restored = ckpt.restore(abstract_state_like(jax.eval_shape(create)))
-        logging.info("resumed from step %d", restored.step)
+        print(f"resumed from step {restored.step} in {ckpt.directory}")
         return restored.state, restored.data
     state = create()
     if config.init_from:
@@ -137,7 +138,7 @@ def warm_start(state, source, source_model):
         merged = {c: {**variables[c], "backbone": weights[c]["backbone"]} for c in variables}
         loaded = len(jax.tree.leaves(weights["params"]["backbone"]))
         kept = len(jax.tree.leaves(variables)) - len(jax.tree.leaves(merged["params"]["backbone"]))
-    logging.info("warm start from %s: %d leaves loaded, %d left as initialised", source, loaded, kept)
+    print(f"warm start from {source}: {loaded} leaves loaded, {kept} left as initialised")
     merged = jax.device_put(merged, jax.tree.map(lambda a: a.sharding, variables))
     return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
 
@@ -231,6 +232,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     keys = [k for k in ("miou", "pixel_accuracy", "top1", "top5", "loss") if k in metrics]
     print("final eval: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
