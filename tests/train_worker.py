@@ -46,7 +46,10 @@ def fetch(x):
     """A replicated or sharded global array as numpy on this host."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    return np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 TX = train.make_optimizer("sgd", 0.02, momentum=0.9, nesterov=True, weight_decay=1e-4)
