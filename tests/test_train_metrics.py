@@ -97,3 +97,30 @@ def test_topk_and_smoothed_cross_entropy_match_numpy():
     assert float(s) == pytest.approx(ref, rel=1e-5) and float(n) == mask.sum()
     with pytest.raises(ValueError, match="labels"):
         train.softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(labels[:5]))
+
+
+def test_confusion_matrix_accumulated_inside_the_train_step():
+    """A segmenter's {'out', 'aux'} through a real train step: the step's confusion matrix
+    (forward pass before the update) equals numpy's on the same predictions."""
+    from flax import linen as nn
+
+    class TinySegmenter(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return {"out": nn.Conv(4, (3, 3), name="head")(x),
+                    "aux": nn.Conv(4, (1, 1), name="aux")(x)}
+
+    mesh = train.make_mesh()
+    _, batch = seg_batch(4)
+    batch["image"] = np.random.RandomState(5).randn(*batch["image"].shape).astype(np.float32)
+    state = train.create_train_state(TinySegmenter(), train.make_optimizer("sgd", 0.1),
+                                     jax.random.PRNGKey(0), (1, 5, 7, 3), mesh)
+    preds = np.asarray(state.apply_fn(state.variables, batch["image"])["out"]).argmax(-1)
+    step = train.make_train_step(train.Segmentation(num_classes=4), mesh,
+                                 jax.tree.map(lambda a: a.sharding, state))
+    _, metrics = step(state, batch)
+    valid = (batch["label"] != 255) & (batch["mask"][:, None, None] > 0)
+    ref = np.zeros((4, 4), np.int64)
+    np.add.at(ref, (batch["label"][valid], preds[valid]), 1)
+    np.testing.assert_array_equal(np.asarray(metrics["confusion"]), ref)
+    assert int(metrics["count"]) == valid.sum()

@@ -92,3 +92,13 @@ def test_mesh_rules_and_batches():
     assert padded["mask"].tolist() == [1, 1, 1, 0] and padded["label"].tolist() == [0, 1, 2, 0]
     arr = train.shard_batch(padded, mesh)
     assert arr["image"].shape == (4, 4, 4, 3) and arr["image"].sharding == train.batch_sharding(mesh)
+
+
+def test_dynamic_loss_scale():
+    ls = train.LossScale.create(8.0, period=2)
+    ls = ls.update(jnp.asarray(False))
+    assert float(ls.scale) == 4.0 and int(ls.good_steps) == 0
+    ls = ls.update(jnp.asarray(True))
+    assert float(ls.scale) == 4.0 and int(ls.good_steps) == 1
+    ls = ls.update(jnp.asarray(True))
+    assert float(ls.scale) == 8.0 and int(ls.good_steps) == 0

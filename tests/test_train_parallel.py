@@ -76,6 +76,15 @@ def test_jit_vs_pmap(runs):
     assert_same_state(_mode(runs["one"], "jit"), _mode(runs["eight"], "pmap"))
 
 
+def test_eval_jit_vs_pmap_with_padding(runs):
+    one, jit, pmap = (_mode(runs[r], m) for r, m in
+                      (("one", "eval-jit"), ("eight", "eval-jit"), ("eight", "eval-pmap")))
+    assert set(one) == {"loss", "top1", "top5"}
+    for k in one:
+        np.testing.assert_allclose(jit[k], one[k], rtol=1e-4)
+        np.testing.assert_allclose(pmap[k], one[k], rtol=1e-4)
+
+
 def test_fsdp_sharded_params_match(runs):
     assert_same_state(_mode(runs["one"], "jit"), _mode(runs["eight"], "fsdp"))
 

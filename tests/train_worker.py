@@ -46,14 +46,23 @@ def fetch(x):
     """A replicated or sharded global array as numpy on this host."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    return np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 TX = train.make_optimizer("sgd", 0.02, momentum=0.9, nesterov=True, weight_decay=1e-4)
 TASK = train.Classification(label_smoothing=0.1)
 
 
-HOST = {}
+HOST, EVAL = {}, {}
+
+
+def eval_batch():
+    """Six real examples padded to the global batch: the padding must not count."""
+    b = jax.tree.map(lambda a: a[:6], next(batches()))
+    return train.pad_batch(b, GLOBAL_BATCH)
 
 
 def initial_state(model, mesh, rules=()):
@@ -81,6 +90,9 @@ def run_jit(mode):
     for b in batches():
         local = jax.tree.map(lambda a: np.split(a, n)[pid], b)
         state, metrics = step(state, train.shard_batch(local, mesh))
+    if mode == "jit" and n == 1:
+        EVAL[mode] = train.make_eval_step(TASK, mesh, sharding)(
+            state, train.shard_batch(eval_batch(), mesh))
     return state, metrics
 
 
@@ -93,6 +105,8 @@ def run_pmap(mode):
         if mode == "pmap_local":  # per-device BN: average the running statistics as "local" does
             state = state.replace(batch_stats=jax.pmap(lambda s: jax.lax.pmean(s, "d"), "d")(
                 state.batch_stats))
+    if mode == "pmap":
+        EVAL[mode] = train.make_pmap_eval_step(TASK)(state, train.split_batch(eval_batch()))
     return train.unreplicate(state), metrics
 
 
@@ -122,6 +136,9 @@ for mode in modes:
     for path, leaf in flat:
         results[f"{mode}:{train.sharding.path_str(path)}"] = fetch(leaf)
     results[f"{mode}:loss"] = np.asarray(train.summarize(jax.device_get(metrics))["loss"])
+for mode, sums in EVAL.items():
+    for k, v in train.summarize(jax.device_get(sums)).items():
+        results[f"eval-{mode}:{k}"] = np.asarray(v)
 if jax.process_index() == 0:
     np.savez(out_path, **results)
 print("done", modes, flush=True)

@@ -42,6 +42,6 @@ def summarize(sums: dict) -> dict:
             out[k] = float(v) / count
         elif k == "confusion":
             out.update(segmentation_scores(v))
-        elif k not in ("count",):
-            out[k] = v
+        elif k != "count":
+            out[k] = v.item() if v.ndim == 0 else v
     return out

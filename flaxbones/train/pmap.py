@@ -50,9 +50,8 @@ def make_pmap_train_step(task, *, axis_name: str = "batch", policy: Policy = Pol
                              accum_steps=accum_steps, skip_nonfinite=nonfinite == "skip",
                              axis_name=axis_name)
     fn = jax.pmap(body, axis_name=axis_name, donate_argnums=0)
-    step = PmapStep(lambda s, b: _first_metrics(fn(s, b)), jax.local_device_count(),
+    return PmapStep(lambda s, b: _first_metrics(fn(s, b)), jax.local_device_count(),
                     accum_steps, nonfinite)
-    return step
 
 
 def make_pmap_eval_step(task, *, axis_name: str = "batch", policy: Policy = Policy(),

@@ -82,16 +82,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch(batch, num_shards: int, where: str = "global batch"):
-    """Every leaf shares one leading batch size divisible by `num_shards`."""
+def check_batch(batch, num_shards: int, where: str = "global batch", scale: int = 1):
+    """Every leaf shares one leading batch size; that size x `scale` (the process count,
+    for a host's slice) is divisible by `num_shards`. Returns the leading size."""
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
         shapes = jax.tree.map(np.shape, batch)
         raise ValueError(f"every entry of the batch needs the same leading batch size; got {shapes}")
     (size,) = sizes
-    if size % num_shards:
-        raise ValueError(f"{where} of {size} examples is not divisible by the {num_shards} "
-                         f"data shards; pad it (flaxbones.train.pad_batch) or change the size")
+    if size * scale % num_shards:
+        raise ValueError(f"{where} of {size * scale} examples is not divisible by the "
+                         f"{num_shards} data shards; pad it (flaxbones.train.pad_batch) or "
+                         "change the size")
     return size
 
 
@@ -102,10 +104,7 @@ def shard_batch(batch, mesh: Mesh):
     their concatenation in process order (jax.make_array_from_process_local_data).
     """
     sharding = batch_sharding(mesh)
-    n_shards = int(np.prod([mesh.shape[a] for a in mesh.axis_names]))
-    local = check_batch(batch, 1, "host batch")
-    check_batch(jax.tree.map(lambda x: np.empty((local * jax.process_count(),)), batch),
-                n_shards)
+    check_batch(batch, int(np.prod(list(mesh.shape.values()))), scale=jax.process_count())
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                         batch)
 

@@ -84,8 +84,10 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
     loss_sum, count, sums = (_psum(t, axis_name) for t in (loss_sum, count, sums))
     if mean_batch_stats:
         new_stats = jax.lax.pmean(new_stats, axis_name)
-    grads_finite = _all_finite(grads)
-    finite = grads_finite & jnp.isfinite(loss_sum)
+    grads_finite, loss_finite = _all_finite(grads), jnp.isfinite(loss_sum)
+    scaling = state.loss_scale is not None
+    # `finite` flags trouble; an fp16 gradient overflow is routine under loss scaling.
+    finite = loss_finite & (grads_finite | scaling)
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -95,13 +97,13 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
     new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                         opt_state=opt_state, ema_params=ema)
-    if state.loss_scale is not None or skip_nonfinite:
-        keep = finite if skip_nonfinite else grads_finite
+    if scaling or skip_nonfinite:
+        keep = grads_finite & loss_finite if skip_nonfinite else grads_finite
         new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new,
                            state.replace(step=state.step + 1))
     else:
         keep = jnp.asarray(True)
-    if state.loss_scale is not None:
+    if scaling:
         new = new.replace(loss_scale=state.loss_scale.update(grads_finite))
         sums = {**sums, "loss_scale": state.loss_scale.scale}
     metrics = {"loss_sum": loss_sum, "count": count, **sums,
