@@ -64,12 +64,6 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
     return fbd.classification_pipeline(config.dataset, image_size=config.image_size, **common)
 
 
-def engine_batch(batch, task):
-    """Pipeline fields -> the fields the steps read ('label', 'mask')."""
-    label = batch["segmentation"] if isinstance(task, ft.Segmentation) else batch["label"]
-    return {"image": batch["image"], "label": label, "mask": batch["valid"]}
-
-
 def add(total, sums):
     return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
 
@@ -78,7 +72,7 @@ def evaluate(eval_step, state, data, task):
     """Metrics over one exact pass of `data` (padding examples masked out)."""
     total = None
     for batch in data:
-        total = add(total, eval_step(state, engine_batch(batch, task)))
+        total = add(total, eval_step(state, batch))
     return ft.summarize(jax.device_get(total))
 
 
@@ -196,7 +190,7 @@ def train_and_evaluate(config, workdir):
         for batch in train_data:
             if step >= config.num_steps:
                 break
-            state, sums = train_step(state, engine_batch(batch, task))
+            state, sums = train_step(state, batch)
             step, position, seen = step + 1, position + 1, seen + config.batch_size
             total = add(total, sums)
             bar.update(1)

@@ -22,7 +22,7 @@ def seg_batch(seed, n=3, h=5, w=7, c=4):
     mask = np.ones(n, np.float32)
     mask[-1] = 0
     return {"out": out, "aux": aux}, {"image": np.zeros((n, h, w, 3), np.float32),
-                                      "label": label, "mask": mask}
+                                      "segmentation": label, "valid": mask}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def numpy_seg(batches, c=4):
     """mIoU, pixel accuracy and loss over every valid pixel of every batch."""
     preds, labels, nll = [], [], []
     for outputs, batch in batches:
-        valid = (batch["label"] != 255) & (batch["mask"][:, None, None] > 0)
-        lab = batch["label"][valid]
+        valid = (batch["segmentation"] != 255) & (batch["valid"][:, None, None] > 0)
+        lab = batch["segmentation"][valid]
         preds.append(outputs["out"].argmax(-1)[valid])
         labels.append(lab)
         for key, weight in (("out", 1.0), ("aux", 0.4)):
@@ -73,11 +73,11 @@ def test_segmentation_metrics_match_numpy(seg_sums):
 
 def test_segmentation_loss_accepts_plain_logits_and_checks_shapes():
     outputs, batch = seg_batch(2)
-    s_dict, n = train.segmentation_cross_entropy(outputs, batch["label"], aux_weight=0.0)
-    s_plain, _ = train.segmentation_cross_entropy(outputs["out"], batch["label"])
+    s_dict, n = train.segmentation_cross_entropy(outputs, batch["segmentation"], aux_weight=0.0)
+    s_plain, _ = train.segmentation_cross_entropy(outputs["out"], batch["segmentation"])
     assert float(s_dict) == pytest.approx(float(s_plain)) and float(n) > 0
     with pytest.raises(ValueError, match="do not match labels"):
-        train.segmentation_cross_entropy(outputs["out"][:, :4], batch["label"])
+        train.segmentation_cross_entropy(outputs["out"][:, :4], batch["segmentation"])
 
 
 def test_topk_and_smoothed_cross_entropy_match_numpy():
@@ -119,8 +119,8 @@ def test_confusion_matrix_accumulated_inside_the_train_step():
     step = train.make_train_step(train.Segmentation(num_classes=4), mesh,
                                  jax.tree.map(lambda a: a.sharding, state))
     _, metrics = step(state, batch)
-    valid = (batch["label"] != 255) & (batch["mask"][:, None, None] > 0)
+    valid = (batch["segmentation"] != 255) & (batch["valid"][:, None, None] > 0)
     ref = np.zeros((4, 4), np.int64)
-    np.add.at(ref, (batch["label"][valid], preds[valid]), 1)
+    np.add.at(ref, (batch["segmentation"][valid], preds[valid]), 1)
     np.testing.assert_array_equal(np.asarray(metrics["confusion"]), ref)
     assert int(metrics["count"]) == valid.sum()

@@ -89,7 +89,7 @@ def test_mesh_rules_and_batches():
     assert shardings["head"]["fc"]["bias"].spec == jax.sharding.PartitionSpec()
     batch = {"image": np.zeros((3, 4, 4, 3), np.float32), "label": np.arange(3)}
     padded = train.pad_batch(batch, 4)
-    assert padded["mask"].tolist() == [1, 1, 1, 0] and padded["label"].tolist() == [0, 1, 2, 0]
+    assert padded["valid"].tolist() == [1, 1, 1, 0] and padded["label"].tolist() == [0, 1, 2, 0]
     arr = train.shard_batch(padded, mesh)
     assert arr["image"].shape == (4, 4, 4, 3) and arr["image"].sharding == train.batch_sharding(mesh)
 

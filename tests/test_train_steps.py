@@ -69,7 +69,7 @@ def step_for(state, task=train.Classification(), **kw):
 def test_grad_accumulation_and_remat_equal_one_step_on_the_whole_batch():
     tx = train.make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=1e-3)
     task = train.Classification(label_smoothing=0.1)
-    batch = {**problem(), "mask": np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32)}
+    batch = {**problem(), "valid": np.array([1, 1, 1, 0, 1, 1, 1, 1], np.float32)}
     model = TinyNet()
     remat = train.remat_blocks(model)
     assert remat.block is not TinyBlock and issubclass(remat.block, TinyBlock)
@@ -136,7 +136,7 @@ def test_eval_masks_padded_examples():
     state = make_state(TinyNet(num_classes=6), train.make_optimizer("sgd", 0.1))
     batch = problem(5, seed=3)
     padded = train.pad_batch(batch, 8)
-    assert padded["image"].shape[0] == 8 and padded["mask"].tolist() == [1] * 5 + [0] * 3
+    assert padded["image"].shape[0] == 8 and padded["valid"].tolist() == [1] * 5 + [0] * 3
     evaluate = train.make_eval_step(train.Classification(topk=(1, 5)), MESH,
                                     jax.tree.map(lambda a: a.sharding, state))
     got = train.summarize(jax.device_get(evaluate(state, padded)))
@@ -166,7 +166,7 @@ def test_bad_batches_give_clear_errors():
         step_for(state, accum_steps=3)(state, batch)
     seg = train.Segmentation(num_classes=4)
     with pytest.raises(ValueError, match="segmentation labels"):
-        seg.check({"image": jnp.zeros((2, 8, 8, 3)), "label": jnp.zeros((2, 8, 7), jnp.int32)})
+        seg.check({"image": jnp.zeros((2, 8, 8, 3)), "segmentation": jnp.zeros((2, 8, 7), jnp.int32)})
     with pytest.raises(ValueError, match="bn_mode"):
         step_for(state, bn_mode="sync")
     with pytest.raises(ValueError, match="unknown precision"):

@@ -6,8 +6,8 @@ import optax
 
 
 def example_mask(batch, n: int):
-    """The batch's 0/1 `mask` (padded examples are 0), or all ones."""
-    mask = batch.get("mask") if isinstance(batch, dict) else None
+    """The batch's `valid` flags (padded examples are 0/False) as 0/1, or all ones."""
+    mask = batch.get("valid") if isinstance(batch, dict) else None
     return jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
 
 

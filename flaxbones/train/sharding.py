@@ -110,13 +110,13 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def pad_batch(batch, multiple: int):
-    """Pad the batch axis up to a multiple with zeros and add/extend a 0/1 `mask` entry,
+    """Pad the batch axis up to a multiple with zeros and add/extend a 0/1 `valid` entry,
     so a last partial batch can run through the same compiled step."""
     size = check_batch(batch, 1)
     pad = -size % multiple
-    mask = np.asarray(batch.get("mask", np.ones((size,), np.float32)), np.float32)
-    out = {k: v for k, v in batch.items() if k != "mask"}
-    out["mask"] = mask
+    valid = np.asarray(batch.get("valid", np.ones((size,), np.float32)), np.float32)
+    out = {k: v for k, v in batch.items() if k != "valid"}
+    out["valid"] = valid
     if pad == 0:
         return out
     return {k: np.concatenate([np.asarray(v), np.zeros((pad,) + np.shape(v)[1:], np.asarray(v).dtype)])

@@ -187,7 +187,7 @@ def make_train_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy
 def make_eval_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
                    use_ema: bool = False) -> Step:
     """eval_step(state, batch) -> metric sums over the global batch (padded examples,
-    mask 0, left out). Add the sums over batches, then `metrics.summarize`."""
+    valid=False, left out). Add the sums over batches, then `metrics.summarize`."""
     fn = jax.jit(functools.partial(eval_body, task=task, policy=policy, use_ema=use_ema),
                  in_shardings=(state_sharding, NamedSharding(mesh, batch_spec(mesh))),
                  out_shardings=replicated(mesh))
