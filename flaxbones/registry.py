@@ -101,8 +101,9 @@ def create_model(name: str, num_classes: int | None = None, drop_rate: float = 0
     from flaxbones.heads.classification import ClassifierHead
     from flaxbones.models import Classifier
 
-    backbone = spec.builder(**kwargs)
     head_builder = spec.head or ClassifierHead
+    # A head may need more of the backbone than its C-levels (GoogLeNet's aux inputs).
+    backbone = spec.builder(**{**getattr(head_builder, "backbone_defaults", {}), **kwargs})
     dtypes = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
     head = head_builder(num_classes=num_classes, drop_rate=drop_rate, **dtypes)
     return Classifier(backbone=backbone, head=head)

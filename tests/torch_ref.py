@@ -41,6 +41,8 @@ def run(model: torch.nn.Module, images_nhwc: np.ndarray, train: bool = False):
 def to_numpy(out):
     if isinstance(out, dict):
         return {k: to_numpy(v) for k, v in out.items()}
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple (GoogLeNetOutputs)
+        return type(out)(*(to_numpy(v) for v in out))
     if isinstance(out, (tuple, list)):
         return type(out)(to_numpy(v) for v in out)
     out = out.detach().numpy()

@@ -2,8 +2,8 @@
 
 Feature taps (all before the ReLU that timm's `features_only` hooks, so timm's features
 are relu(C_k)): C1..C4 are the outputs of the second separable conv of each strided block,
-the input stride of that block (DeepLab's `.../xception_module/separable_conv2_pointwise`;
-C2 is the decoder's low-level feature); C5 is the last block's output (already a ReLU).
+at that block's input stride (DeepLab's `.../xception_module/separable_conv2_pointwise`;
+C2 is DeepLab v3+'s low-level feature); C5 is the last block's output (already a ReLU).
 """
 from functools import partial
 from typing import Any, Sequence
@@ -18,12 +18,12 @@ from flaxbones.weights.source import WeightSource
 
 
 class XceptionModule(nn.Module):
-    """Three separable convs, the third strided, plus a 1x1 conv shortcut if shapes change.
+    """Three separable convs, the third strided, plus an identity or 1x1 conv shortcut.
 
     Returns (output, tap), the tap being the second separable conv's output. With
     `start_with_relu=False` (the last block) the ReLUs sit inside the separable convs and
     there is no shortcut. `unit_rates` multiply `dilation` per conv (DeepLab's multi-grid).
-    `projection` is decided by the block's nominal stride, so it survives dilation.
+    `projection` (the 1x1 conv) follows the block's nominal stride, so it survives dilation.
     """
 
     out_chs: Sequence[int]

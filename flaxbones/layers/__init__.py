@@ -3,11 +3,12 @@ from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
 from flaxbones.layers.inverted_residual import InvertedResidual, make_divisible
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding, torch_padding
-from flaxbones.layers.pooling import global_avg_pool, max_pool
+from flaxbones.layers.pooling import adaptive_avg_pool, global_avg_pool, max_pool
 from flaxbones.layers.resize import resize_bilinear, resize_nearest
 from flaxbones.layers.separable import SeparableConv
 from flaxbones.layers.squeeze_excite import SqueezeExcite
 
 __all__ = ["BatchNorm", "ConvNormAct", "InvertedResidual", "ModuleDef", "SeparableConv",
-           "SqueezeExcite", "conv_padding", "global_avg_pool", "kaiming_fan_out",
-           "make_divisible", "max_pool", "resize_bilinear", "resize_nearest", "torch_padding"]
+           "SqueezeExcite", "adaptive_avg_pool", "conv_padding", "global_avg_pool",
+           "kaiming_fan_out", "make_divisible", "max_pool", "resize_bilinear", "resize_nearest",
+           "torch_padding"]

@@ -1,5 +1,7 @@
-"""Pooling with PyTorch's padding and ceil_mode semantics."""
+"""Pooling with PyTorch's padding, ceil_mode and adaptive-bin semantics."""
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 
@@ -23,3 +25,26 @@ def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = Fa
 def global_avg_pool(x):
     """Mean over H and W in float32, cast back: NHWC -> NC."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def _adaptive_weights(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix of torch's adaptive pool: bin i covers
+    [floor(i * size / out), ceil((i + 1) * size / out)), bins may overlap or repeat."""
+    weights = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+def adaptive_avg_pool(x, output_size):
+    """`torch.nn.AdaptiveAvgPool2d(output_size)` on NHWC input, in float32, cast back.
+
+    `output_size` is an int or (height, width); bin edges follow torch's formula exactly,
+    so inputs smaller than the output (VGG's 7x7 on a 3x4 map) repeat values as torch does.
+    """
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    wh, ww = _adaptive_weights(x.shape[1], oh), _adaptive_weights(x.shape[2], ow)
+    y = jnp.einsum("nhwc,ih,jw->nijc", x.astype(jnp.float32), wh, ww,
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)

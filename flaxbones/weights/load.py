@@ -1,4 +1,5 @@
 """`load_pretrained`: a model name and a weight file in, variables out."""
+import pathlib
 from functools import partial
 
 import jax
@@ -14,11 +15,17 @@ def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
                     return_report: bool = False, **create_kwargs):
     """Variables ({'params', 'batch_stats'}) for `create_model(name, **create_kwargs)`.
 
+    `path` is a weight file (.safetensors, .pth, ...) or an Orbax training checkpoint
+    directory; from a checkpoint the model is rebuilt from the saved metadata unless
+    kwargs are given (`name=None` takes the saved name too).
+
     Every leaf must come from the file, shapes must agree, and every key in the file must
     be used: anything else raises a ValueError listing the first offenders, and nothing is
     returned. With `skip_head=True` the classifier head may differ (another num_classes):
     its leaves keep their initial values (from `rng`) and the report says which.
     """
+    if pathlib.Path(path).is_dir():
+        return _load_checkpoint(name, path, rng, return_report, create_kwargs)
     model = create_model(name, **create_kwargs)
     source = get_spec(name).weights
     if source is None:
@@ -38,3 +45,25 @@ def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
         flat.update({k: fresh[k] for k in report.skipped})
         variables = traverse_util.unflatten_dict(flat, sep="/")
     return (variables, report) if return_report else variables
+
+
+def _load_checkpoint(name, directory, rng, return_report, create_kwargs):
+    """params + batch_stats of the latest step of a `train.checkpoint.Checkpoints` run."""
+    from flaxbones.train.checkpoint import Checkpoints, abstract_state_like
+
+    with Checkpoints(directory) as ckpt:
+        meta = ckpt.read_meta()
+        saved_name = meta.get("model")
+        if name is not None and saved_name is not None and name != saved_name:
+            raise ValueError(f"{directory} holds a {saved_name!r} checkpoint, not {name!r}")
+        name = name or saved_name
+        if name is None:
+            raise ValueError(f"{directory} has no model name in its metadata; pass one")
+        kwargs = create_kwargs or meta.get("model_kwargs", {})
+        model = create_model(name, **kwargs)
+        size = 224
+        shapes = jax.eval_shape(partial(model.init, train=False),
+                                {"params": jax.random.PRNGKey(0) if rng is None else rng},
+                                jnp.zeros((1, size, size, 3), kwargs.get("dtype", jnp.float32)))
+        variables = ckpt.load_subtree(abstract_state_like(dict(shapes)))
+    return (variables, meta) if return_report else variables

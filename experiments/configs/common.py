@@ -1,0 +1,37 @@
+"""Defaults every experiment config starts from; each config overrides what it needs."""
+import ml_collections
+
+
+def base(**overrides) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classification"  # or "segmentation"
+    c.model = "resnet50"  # any fb.list_models() name
+    c.model_kwargs = ml_collections.ConfigDict()  # extra create_model kwargs (backbone=, output_stride=, ...)
+    c.normalize_like = "resnet50"  # whose weight-source mean/std normalise the images
+    c.dataset = "flaxbones_shapes"
+    c.data_dir = ""  # TFDS data_dir holding prepared datasets ("" = TFDS's default)
+    c.num_classes = 4
+    c.image_size = 224  # classification
+    c.crop_size = 512  # segmentation train crop
+    c.eval_size = 512  # segmentation eval canvas
+    c.scale_range = (0.5, 2.0)
+    c.batch_size = 64  # global
+    c.num_steps = 1000
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+        schedule="cosine", warmup_steps=0))
+    c.aux_weight = 0.4
+    c.label_smoothing = 0.0
+    c.bn_mode = "global"  # "frozen" for fine-tuning with running statistics, "local"
+    c.precision = "fp32"  # "bf16", "fp16"
+    c.init_from = ""  # a flaxbones checkpoint dir, or a weight file of init_from_model
+    c.init_from_model = ""
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.best_metric = ""  # e.g. "miou" or "top1": also keep the best checkpoint
+    c.num_pictures = 6
+    c.seed = 0
+    c.update(overrides)
+    return c

@@ -1,0 +1,19 @@
+"""The demo: DeepLabv3+ (TF DeepLab style: separable ASPP and decoder) on MobileNetV2,
+trained from scratch on the built-in shapes dataset, offline, in minutes on a 2-core CPU."""
+import ml_collections
+
+from common import base
+
+
+def get_config():
+    return base(
+        task="segmentation", model="deeplabv3plus",
+        model_kwargs=ml_collections.ConfigDict(dict(
+            backbone="mobilenet_v2", output_stride=16, style="tf")),
+        normalize_like="mobilenet_v2", dataset="flaxbones_shapes/small", num_classes=4,
+        crop_size=64, eval_size=64, scale_range=(0.75, 1.5), batch_size=16, num_steps=700,
+        optimizer=ml_collections.ConfigDict(dict(
+            name="adamw", learning_rate=3e-3, weight_decay=1e-4, schedule="cosine",
+            warmup_steps=50)),
+        aux_weight=0.0, log_every=25, eval_every=350, checkpoint_every=350, keep_checkpoints=2,
+        best_metric="miou")

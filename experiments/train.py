@@ -1,0 +1,237 @@
+"""Train and evaluate a flaxbones model from an ml_collections config.
+
+    python experiments/train.py --config=experiments/configs/demo.py --workdir=workdir/demo
+    python experiments/train.py --config=experiments/configs/cifar10_resnet18.py \
+        --config.batch_size=256 --config.data_dir=~/tensorflow_datasets --workdir=workdir/c10
+
+The workdir holds Orbax checkpoints (checkpoints/), TensorBoard summaries (tensorboard/),
+a JSON-lines metrics log (metrics.jsonl) and pictures (pictures/). Started again on the
+same workdir, a run resumes from its latest checkpoint and continues exactly; SIGTERM
+checkpoints the current step and exits.
+"""
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "configs")]  # pictures.py; configs import `common`
+import pictures  # noqa: E402
+
+import flaxbones as fb  # noqa: E402
+import flaxbones.data as fbd  # noqa: E402
+from flaxbones import train as ft  # noqa: E402
+from flaxbones.train.checkpoint import (Checkpoints, PreemptionGuard, abstract_state_like,  # noqa: E402
+                                        transfer)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
+
+
+def build_model(config):
+    policy = ft.Policy.named(config.precision)
+    model = fb.create_model(config.model, num_classes=config.num_classes,
+                            **policy.model_kwargs(), **config.model_kwargs.to_dict())
+    return model, policy
+
+
+def build_task(config):
+    if config.task == "segmentation":
+        return ft.Segmentation(config.num_classes, aux_weight=config.aux_weight)
+    if config.task == "classification":
+        return ft.Classification(label_smoothing=config.label_smoothing)
+    raise ValueError(f"config.task must be 'segmentation' or 'classification', got {config.task!r}")
+
+
+def build_data(config, mesh, train: bool, start_batch: int = 0):
+    """The train (endless, resumable at `start_batch`) or eval (one exact pass) pipeline."""
+    mean, std = fbd.normalization(model=config.normalize_like)
+    common = dict(batch_size=config.batch_size, train=train, data_dir=config.data_dir or None,
+                  mean=mean, std=std, mesh=mesh, seed=config.seed)
+    if train:
+        common["start_batch"] = start_batch
+    if config.task == "segmentation":
+        size = dict(crop_size=config.crop_size) if train else dict(eval_size=config.eval_size)
+        return fbd.segmentation_pipeline(config.dataset, scale_range=tuple(config.scale_range),
+                                         **size, **common)
+    return fbd.classification_pipeline(config.dataset, image_size=config.image_size, **common)
+
+
+def add(total, sums):
+    return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+
+
+def evaluate(eval_step, state, data, task):
+    """Metrics over one exact pass of `data` (padding examples masked out)."""
+    total = None
+    for batch in data:
+        total = add(total, eval_step(state, batch))
+    return ft.summarize(jax.device_get(total))
+
+
+class Log:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir):
+        self.main = jax.process_index() == 0
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.writer = None
+        if self.main:
+            import tensorflow as tf
+            self.tf = tf
+            self.writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+
+    def write(self, step, split, metrics):
+        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        if not self.main:
+            return scalars
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+        with self.writer.as_default(step=step):
+            for k, v in scalars.items():
+                self.tf.summary.scalar(f"{split}/{k}", v)
+        self.writer.flush()
+        return scalars
+
+
+def initial_state(config, model, policy, tx, mesh, input_shape, ckpt):
+    """(state, data position): the latest checkpoint's, or fresh (optionally warm-started)."""
+    def create():
+        return ft.create_train_state(model, tx, jax.random.key(config.seed), input_shape, mesh,
+                                     policy=policy)
+
+    if ckpt.latest_step is not None:
+        restored = ckpt.restore(abstract_state_like(jax.eval_shape(create)))
+        print(f"resumed from step {restored.step} in {ckpt.directory}")
+        return restored.state, restored.data
+    state = create()
+    if config.init_from:
+        state = warm_start(state, config.init_from, config.init_from_model)
+    return state, 0
+
+
+def warm_start(state, source, source_model):
+    """The backbone from a flaxbones checkpoint directory, or from a torch/timm weight file
+    of the classifier `source_model` (e.g. ImageNet weights for a segmenter's backbone)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if pathlib.Path(source).is_dir():
+        merged, report = transfer(source, variables, subtrees=("backbone",))
+        loaded, kept = len(report.loaded), len(report.kept)
+    else:
+        if not source_model:
+            raise ValueError("init_from is a weight file: set init_from_model to the "
+                             "classifier name it belongs to (e.g. 'resnet50')")
+        weights = fb.load_pretrained(source_model, source, skip_head=True)
+        merged = {c: {**variables[c], "backbone": weights[c]["backbone"]} for c in variables}
+        loaded = len(jax.tree.leaves(weights["params"]["backbone"]))
+        kept = len(jax.tree.leaves(variables)) - len(jax.tree.leaves(merged["params"]["backbone"]))
+    print(f"warm start from {source}: {loaded} leaves loaded, {kept} left as initialised")
+    merged = jax.device_put(merged, jax.tree.map(lambda a: a.sharding, variables))
+    return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
+
+
+def save_pictures(config, model, state, eval_data, workdir, task, final_metrics):
+    """Curves, and overlays (segmentation) or a confusion matrix (classification)."""
+    out = pathlib.Path(workdir) / "pictures"
+    out.mkdir(parents=True, exist_ok=True)
+    pictures.plot_curves(pathlib.Path(workdir) / "metrics.jsonl", out / "curves.png")
+    mean, std = fbd.normalization(model=config.normalize_like)
+    classes = list(fbd.sources.dataset_spec(config.dataset).segmentation_classes) or None
+    predict = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    batch = jax.device_get(next(iter(eval_data)))
+    outputs = predict({"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
+    if config.task == "segmentation":
+        preds = np.asarray(jax.device_get(outputs["out"])).argmax(-1)
+        n = config.num_pictures
+        pictures.save_overlays(out / "overlays.png", batch["image"][:n], batch["segmentation"][:n],
+                               preds[:n], mean, std, classes)
+        return [out / "curves.png", out / "overlays.png"]
+    cm = final_metrics.get("confusion")
+    if cm is not None:
+        pictures.plot_confusion(cm, classes, out / "confusion.png")
+    return [out / "curves.png"] + ([out / "confusion.png"] if cm is not None else [])
+
+
+def train_and_evaluate(config, workdir):
+    """Train for config.num_steps (resuming if the workdir has a checkpoint); return the
+    final eval metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = ft.make_mesh()
+    model, policy = build_model(config)
+    task = build_task(config)
+    tx = ft.make_optimizer(**config.optimizer.to_dict(), total_steps=config.num_steps)
+    size = config.crop_size if config.task == "segmentation" else config.image_size
+    input_shape = (1, size, size, 3)
+    shardings = ft.state_shardings(model, tx, input_shape, mesh, policy=policy)
+    meta = {"model": config.model, "model_kwargs": {"num_classes": config.num_classes,
+                                                     **config.model_kwargs.to_dict()},
+            "config": json.loads(config.to_json())}
+    log = Log(workdir)
+    with Checkpoints(workdir / "checkpoints", save_every=config.checkpoint_every,
+                     keep=config.keep_checkpoints, best_metric=config.best_metric or None,
+                     meta=meta) as ckpt, PreemptionGuard() as guard:
+        state, position = initial_state(config, model, policy, tx, mesh, input_shape, ckpt)
+        step = int(state.step)
+        train_step = ft.make_train_step(task, mesh, shardings, policy=policy, bn_mode=config.bn_mode)
+        eval_step = ft.make_eval_step(task, mesh, shardings, policy=policy)
+        train_data = build_data(config, mesh, train=True, start_batch=position)
+        eval_data = build_data(config, mesh, train=False)
+        metrics, total, seen, tick = {}, None, 0, time.time()
+        bar = tqdm.tqdm(total=config.num_steps, initial=step, unit="step", dynamic_ncols=True,
+                        disable=jax.process_index() != 0)
+        for batch in train_data:
+            if step >= config.num_steps:
+                break
+            state, sums = train_step(state, batch)
+            step, position, seen = step + 1, position + 1, seen + config.batch_size
+            total = add(total, sums)
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.num_steps:
+                rate = seen / (time.time() - tick)
+                scalars = log.write(step, "train", {**ft.summarize(jax.device_get(total)),
+                                                    "images_per_sec": rate})
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.1f}")
+                total, seen, tick = None, 0, time.time()
+            stop = guard.should_stop(step)
+            if step % config.eval_every == 0 or step == config.num_steps:
+                metrics = evaluate(eval_step, state, eval_data, task)
+                scalars = log.write(step, "eval", metrics)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+                ckpt.save(step, state, data=position, metrics=scalars, force=True)
+            else:
+                ckpt.save(step, state, data=position, force=stop)
+            if stop:
+                bar.write(f"stopping at step {step} on request; checkpoint saved")
+                break
+        bar.close()
+        ckpt.wait()
+    if not metrics:
+        metrics = evaluate(eval_step, state, eval_data, task)
+    if jax.process_index() == 0:
+        paths = save_pictures(config, model, state, eval_data, workdir, task, metrics)
+        print("pictures: " + ", ".join(str(p) for p in paths))
+    return metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
+    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    keys = [k for k in ("miou", "pixel_accuracy", "top1", "top5", "loss") if k in metrics]
+    print("final eval: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

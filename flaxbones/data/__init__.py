@@ -1,0 +1,42 @@
+"""TFDS input pipelines: host-split, augmented, batched, delivered as global jax.Arrays.
+
+    import flaxbones.data as fbd
+    train = fbd.segmentation_pipeline("flaxbones_shapes", batch_size=32, train=True,
+                                      model="resnet50", mesh=mesh)
+    for step, batch in zip(range(n), train): ...
+    for batch in fbd.segmentation_pipeline(..., train=False): ...   # one exact pass
+
+Every batch is a dict with a leading global-batch axis N:
+    'image'         float32 (N, H, W, 3)  normalised with mean/std on the [0, 1] scale
+    'label'         int32 (N,)            classification pipelines
+    'segmentation'  int32 (N, H, W)       segmentation pipelines; 255 = ignore (padding, void)
+    'valid'         bool (N,)             False for the padding examples that fill the last
+                                          eval batches; always True in training
+Evaluation yields every example of the split exactly once over all hosts; weight
+per-example metrics by 'valid' (and skip pixels labelled 255). With `mesh=` (a
+jax.sharding.Mesh with a 'data' axis) the arrays are global jax.Arrays sharded over
+that axis, each host feeding its `tfds.split_for_jax_process` part; without, numpy.
+
+Datasets: the built-in `flaxbones_shapes` (generated locally on first use) and TFDS
+datasets prepared in a `data_dir` (cifar10/100, imagenette, imagenet2012,
+oxford_iiit_pet, cityscapes, ...); nothing is downloaded here. TensorFlow is only the
+input pipeline: importing this package hides GPUs from it, so it never takes JAX's
+accelerator memory.
+"""
+import tensorflow as tf
+
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices: the caller chose; keep it
+    pass
+
+from flaxbones.data import builtin  # noqa: E402  (registers flaxbones_shapes with TFDS)
+from flaxbones.data.classification import classification_pipeline  # noqa: E402
+from flaxbones.data.pipeline import Pipeline, normalization, to_global  # noqa: E402
+from flaxbones.data.segmentation import segmentation_pipeline  # noqa: E402
+from flaxbones.data.sources import (DATASETS, IGNORE_LABEL, DatasetNotPreparedError,  # noqa: E402
+                                    DatasetSpec, host_split, load_builder)
+
+__all__ = ["DATASETS", "IGNORE_LABEL", "DatasetNotPreparedError", "DatasetSpec", "Pipeline",
+           "builtin", "classification_pipeline", "host_split", "load_builder", "normalization",
+           "segmentation_pipeline", "to_global"]

@@ -1,0 +1,194 @@
+"""jit-compiled train and eval steps with explicit shardings and donated state.
+
+One step body serves three drivers: SPMD jit (BatchNorm statistics global over the
+sharded batch), shard_map with per-device BatchNorm ("local"), and pmap (steps/pmap.py).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from flaxbones.train.precision import Policy
+from flaxbones.train.sharding import batch_spec, check_batch, replicated
+
+BN_MODES = ("global", "frozen", "local")
+NONFINITE = ("raise", "skip", "ignore")
+
+
+def _psum(x, axis):
+    return x if axis is None else jax.lax.psum(x, axis)
+
+
+def _forward(state, params, batch_stats, batch, rng, policy, train_bn):
+    """Model outputs (in the policy's output dtype) and the updated batch statistics."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    outputs, mutated = state.apply_fn(variables, policy.cast_inputs(batch["image"]),
+                                      train=train_bn, mutable=["batch_stats"],
+                                      rngs={"dropout": rng})
+    return policy.cast_outputs(outputs), mutated.get("batch_stats", batch_stats)
+
+
+def _micro_batches(batch, k):
+    """(B, ...) -> (k, B/k, ...), micro-batch j = examples j, j+k, ... so that each
+    device's slice of a micro-batch comes from its own slice of the batch."""
+    return jax.tree.map(lambda a: a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1),
+                        batch)
+
+
+def _all_finite(tree):
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_steps=1,
+               skip_nonfinite=False, axis_name=None, mean_batch_stats=False):
+    """One optimizer step: (state, batch) -> (state, metric sums). `axis_name` names the
+    device axis under pmap/shard_map (counts, gradients and metrics are summed over it)."""
+    task.check(batch)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    denom = jnp.maximum(_psum(task.count(batch), axis_name), 1.0)
+    scale = state.loss_scale.scale if state.loss_scale is not None else 1.0
+    train_bn = bn_mode != "frozen"
+
+    def objective(params, batch_stats, micro, rng):
+        outputs, new_stats = _forward(state, params, batch_stats, micro, rng, policy, train_bn)
+        loss_sum, count = task.loss(outputs, micro)
+        return loss_sum / denom * scale, (loss_sum, count, new_stats, task.metrics(outputs, micro))
+
+    grad_fn = jax.grad(objective, has_aux=True)
+    if accum_steps == 1:
+        grads, (loss_sum, count, new_stats, sums) = grad_fn(state.params, state.batch_stats,
+                                                            batch, step_rng)
+    else:
+        def accumulate(carry, xs):
+            grads, loss_sum, count, stats, sums = carry
+            micro, i = xs
+            g, (l, c, stats, s) = grad_fn(state.params, stats, micro, jax.random.fold_in(step_rng, i))
+            add = functools.partial(jax.tree.map, jnp.add)
+            return (add(grads, g), loss_sum + l, count + c, stats, add(sums, s)), None
+
+        micro = _micro_batches(batch, accum_steps)
+        first = jax.tree.map(lambda a: a[0], micro)
+        shapes = jax.eval_shape(grad_fn, state.params, state.batch_stats, first, step_rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[1][3]))
+        init = (zeros[0], jnp.zeros(()), jnp.zeros(()), state.batch_stats, zeros[1])
+        (grads, loss_sum, count, new_stats, sums), _ = jax.lax.scan(
+            accumulate, init, (micro, jnp.arange(accum_steps)))
+
+    grads = jax.tree.map(lambda g: g / scale, _psum(grads, axis_name))
+    loss_sum, count, sums = (_psum(t, axis_name) for t in (loss_sum, count, sums))
+    if mean_batch_stats:
+        new_stats = jax.lax.pmean(new_stats, axis_name)
+    grads_finite, loss_finite = _all_finite(grads), jnp.isfinite(loss_sum)
+    scaling = state.loss_scale is not None
+    # `finite` flags trouble; an fp16 gradient overflow is routine under loss scaling.
+    finite = loss_finite & (grads_finite | scaling)
+
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        d = state.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                        opt_state=opt_state, ema_params=ema)
+    if scaling or skip_nonfinite:
+        keep = grads_finite & loss_finite if skip_nonfinite else grads_finite
+        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new,
+                           state.replace(step=state.step + 1))
+    else:
+        keep = jnp.asarray(True)
+    if scaling:
+        new = new.replace(loss_scale=state.loss_scale.update(grads_finite))
+        sums = {**sums, "loss_scale": state.loss_scale.scale}
+    metrics = {"loss_sum": loss_sum, "count": count, **sums,
+               "grad_norm": optax.tree.norm(grads), "finite": finite, "skipped": ~keep}
+    return new, metrics
+
+
+def eval_body(state, batch, *, task, policy=Policy(), use_ema=False, axis_name=None):
+    """Metric sums of one batch in inference mode (running BatchNorm statistics)."""
+    task.check(batch)
+    params = state.ema_params if use_ema else state.params
+    if params is None:
+        raise ValueError("use_ema=True but the state has no EMA (create it with ema_decay=...)")
+    outputs = policy.cast_outputs(state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        policy.cast_inputs(batch["image"]), train=False))
+    loss_sum, count = task.loss(outputs, batch)
+    sums = {"loss_sum": loss_sum, "count": count, **task.metrics(outputs, batch)}
+    return _psum(sums, axis_name)
+
+
+class Step:
+    """A compiled step plus the host-side checks jit cannot give a clear message for:
+    batch divisibility, and (nonfinite='raise') a non-finite loss or gradient."""
+
+    def __init__(self, fn, num_shards, accum_steps=1, nonfinite="ignore"):
+        self.fn, self.num_shards, self.accum_steps, self.nonfinite = fn, num_shards, accum_steps, nonfinite
+
+    def check(self, batch):
+        size = check_batch(batch, self.num_shards)
+        if size % (self.num_shards * self.accum_steps):
+            raise ValueError(f"global batch of {size} examples does not split into "
+                             f"{self.accum_steps} micro-batches over {self.num_shards} shards")
+
+    def __call__(self, state, batch):
+        self.check(batch)
+        out = self.fn(state, batch)
+        if self.nonfinite == "raise" and not bool(np.all(jax.device_get(out[1]["finite"]))):
+            raise FloatingPointError(
+                "non-finite loss or gradients in train step (metrics: "
+                f"loss_sum={jax.device_get(out[1]['loss_sum'])}); the step's inputs were donated, "
+                "restore from a checkpoint, or make the step with nonfinite='skip'")
+        return out
+
+
+def _check_options(bn_mode, nonfinite, accum_steps):
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+
+
+def make_train_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
+                    bn_mode: str = "global", accum_steps: int = 1,
+                    nonfinite: str = "raise") -> Step:
+    """train_step(state, batch) -> (state, metric sums), jit-compiled over `mesh`.
+
+    bn_mode: "global" (statistics over the whole global batch, as SPMD jit gives),
+    "frozen" (running statistics, no updates, and so no dropout either: the model runs
+    with train=False), "local" (statistics per device, via shard_map, running statistics
+    averaged over devices). accum_steps: gradient accumulation over k micro-batches.
+    nonfinite: "raise" (FloatingPointError after the step; syncs the host each step),
+    "skip" (the update is dropped, `skipped` metric set) or "ignore".
+    `state_sharding` is from `state_shardings(...)` or `jax.tree.map(lambda a: a.sharding, state)`.
+    """
+    _check_options(bn_mode, nonfinite, accum_steps)
+    axes = tuple(mesh.axis_names)
+    body = functools.partial(train_body, task=task, policy=policy, bn_mode=bn_mode,
+                             accum_steps=accum_steps, skip_nonfinite=nonfinite == "skip")
+    if bn_mode == "local":
+        body = jax.shard_map(functools.partial(body, axis_name=axes, mean_batch_stats=True),
+                             mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), batch_spec(mesh)),
+                             out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    fn = jax.jit(body, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec(mesh))),
+                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+    return Step(fn, int(np.prod(list(mesh.shape.values()))), accum_steps, nonfinite)
+
+
+def make_eval_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
+                   use_ema: bool = False) -> Step:
+    """eval_step(state, batch) -> metric sums over the global batch (padded examples,
+    valid=False, left out). Add the sums over batches, then `metrics.summarize`."""
+    fn = jax.jit(functools.partial(eval_body, task=task, policy=policy, use_ema=use_ema),
+                 in_shardings=(state_sharding, NamedSharding(mesh, batch_spec(mesh))),
+                 out_shardings=replicated(mesh))
+    return Step(fn, int(np.prod(list(mesh.shape.values()))))
