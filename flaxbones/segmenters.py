@@ -22,13 +22,28 @@ from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 
 def build_backbone(backbone, output_stride: int | None, default_stride: int, dtype=jnp.float32,
-                   param_dtype=jnp.float32, axis_name=None, **kwargs) -> nn.Module:
+                   param_dtype=jnp.float32, axis_name=None, any_stride: bool = False,
+                   **kwargs) -> nn.Module:
     """A backbone from a registered name (built at `output_stride`, else the head's
-    default), or a given Module (whose stride must then agree with `output_stride`)."""
+    default), or a given Module (whose stride must then agree with `output_stride`).
+
+    With `any_stride` (a head that works at every stride) and no `output_stride` asked
+    for, a family that cannot dilate to the default is built at its native stride 32.
+    """
     if isinstance(backbone, str):
         extra = {"axis_name": axis_name} if axis_name is not None else {}
-        return create_backbone(backbone, output_stride=output_stride or default_stride,
-                               dtype=dtype, param_dtype=param_dtype, **extra, **kwargs)
+
+        def build(stride):
+            bb = create_backbone(backbone, output_stride=stride, dtype=dtype,
+                                 param_dtype=param_dtype, **extra, **kwargs)
+            bb.feature_info  # noqa: B018  (an unsupported stride fails here at the latest)
+            return bb
+        if output_stride is None and any_stride:
+            try:
+                return build(default_stride)
+            except ValueError:
+                return build(32)
+        return build(output_stride or default_stride)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a registered name or a flax Module, got {backbone!r}")
     if kwargs:
@@ -89,9 +104,10 @@ def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
 def fcn(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
         aux_loss: bool = False, aux_level: str = "C4", dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
-    """torchvision's FCN: FCNHead on C5 (default output stride 8), optional aux head."""
+    """torchvision's FCN: FCNHead on C5 (default output stride 8, or 32 for a family that
+    cannot dilate), optional aux head."""
     common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 8, **common, **backbone_kwargs)
+    bb = build_backbone(backbone, output_stride, 8, any_stride=True, **common, **backbone_kwargs)
     return Segmenter(bb, FCNHead(num_classes, **common),
                      _aux(aux_loss, aux_level, num_classes, common))
 
@@ -101,9 +117,10 @@ def lraspp(backbone: Any = "mobilenet_v3_large", num_classes: int = 21,
            output_stride: int | None = None, low: str = "C3", high: str = "C5",
            inter_channels: int = 128, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
            axis_name: str | None = None, **backbone_kwargs):
-    """Lite R-ASPP over `low` and `high` levels (default output stride 16)."""
+    """Lite R-ASPP over `low` and `high` levels (default output stride 16, or 32 for a
+    family that cannot dilate)."""
     common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
+    bb = build_backbone(backbone, output_stride, 16, any_stride=True, **common, **backbone_kwargs)
     return Segmenter(bb, LRASPPHead(num_classes, low=low, high=high,
                                     inter_channels=inter_channels, **common))
 

@@ -306,6 +306,15 @@ def test_bad_output_stride():
         fb.create_model("fcn", backbone=fb.create_backbone("resnet18"), output_stride=8)
 
 
+def test_any_stride_heads_fall_back_to_a_native_stride_32():
+    """FCN / LR-ASPP default to the reference's stride, or 32 where a family cannot dilate
+    (FCN-32s); an explicitly requested stride is never replaced."""
+    assert fb.create_model("fcn", backbone="alexnet").backbone.feature_info[-1].stride == 32
+    assert fb.create_model("lraspp", backbone="googlenet").backbone.feature_info[-1].stride == 32
+    with pytest.raises(ValueError, match="output_stride=8 is not supported"):
+        fb.create_model("fcn", backbone="alexnet", output_stride=8)
+
+
 def test_other_bad_configurations():
     with pytest.raises(ValueError, match="unknown DeepLab style"):
         fb.create_model("deeplabv3", backbone="resnet18", style="keras")
