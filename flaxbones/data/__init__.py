@@ -6,7 +6,7 @@
     for step, batch in zip(range(n), train): ...
     for batch in fbd.segmentation_pipeline(..., train=False): ...   # one exact pass
 
-Every batch is a dict with a leading global-batch axis N:
+Every batch is a dict with a leading batch axis N (global with a mesh, else this host's):
     'image'         float32 (N, H, W, 3)  normalised with mean/std on the [0, 1] scale
     'label'         int32 (N,)            classification pipelines
     'segmentation'  int32 (N, H, W)       segmentation pipelines; 255 = ignore (padding, void)
