@@ -58,7 +58,7 @@ def test_builtin_builds_offline_and_deterministically(tmp_path, offline):
 
 
 def test_builtin_size_and_count_are_configurable(tmp_path, offline):
-    config = builtin.ShapesConfig(name="t", image_size=20, num_train=3, num_test=2)
+    config = builtin.ShapesConfig(name="t", image_size=20, num_train=3, num_test=2, rotate=True)
     builder = tfds.builder("flaxbones_shapes", config=config, data_dir=str(tmp_path))
     builder.download_and_prepare()
     assert builder.info.features["image"].shape == (20, 20, 3)

@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.heads.classification import FCHead, torch_bias_init, torch_linear_init
-from flaxbones.layers import max_pool
+from flaxbones.layers import Conv, max_pool
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -43,7 +43,7 @@ class AlexNet(nn.Module):
         info = self.feature_info
         feats = {}
         for name, width, k, stride, pad in CONVS:
-            x = nn.Conv(width, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
+            x = Conv(width, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=torch_linear_init,
                         bias_init=torch_bias_init(k * k * x.shape[-1]), name=name)(x)

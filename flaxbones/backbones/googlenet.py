@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.heads.classification import torch_bias_init
-from flaxbones.layers import (BatchNorm, ConvNormAct, ModuleDef, adaptive_avg_pool,
+from flaxbones.layers import (BatchNorm, Conv, ConvNormAct, ModuleDef, adaptive_avg_pool,
                               global_avg_pool, max_pool)
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import IMAGENET_MEAN, IMAGENET_STD, WeightSource
@@ -52,7 +52,7 @@ class Inception(nn.Module):
 
 def _basic_conv(train, bn_epsilon, bn_momentum, axis_name, dtype, param_dtype):
     """torchvision's BasicConv2d: bias-free conv, BatchNorm (eps 1e-3), ReLU."""
-    conv = partial(nn.Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+    conv = partial(Conv, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                    kernel_init=normal_001)
     norm = partial(BatchNorm, use_running_average=not train, momentum=bn_momentum,
                    epsilon=bn_epsilon, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import BatchNorm, ConvNormAct, ModuleDef, kaiming_fan_out, make_divisible
+from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, kaiming_fan_out, make_divisible
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import WeightSource
 
@@ -21,7 +21,7 @@ class DepthwiseSeparable(nn.Module):
     stride: int = 1
     dilation: int = 1
     act: Callable = nn.relu6
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
 
     @nn.compact
@@ -70,7 +70,7 @@ class MobileNetV1(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         plans, taps = self._taps
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import (BatchNorm, ConvNormAct, InvertedResidual, kaiming_fan_out,
+from flaxbones.layers import (BatchNorm, Conv, ConvNormAct, InvertedResidual, kaiming_fan_out,
                               make_divisible)
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
@@ -62,7 +62,7 @@ class MobileNetV2(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         plans, taps = self._taps
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,

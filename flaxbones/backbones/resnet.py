@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, ModuleDef, kaiming_fan_out, max_pool, torch_padding
+from flaxbones.layers import BatchNorm, Conv, ModuleDef, kaiming_fan_out, max_pool, torch_padding
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -26,7 +26,7 @@ class BasicBlock(nn.Module):
     dilation: int = 1
     groups: int = 1
     base_width: int = 64
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     expansion = 1
 
@@ -55,7 +55,7 @@ class Bottleneck(nn.Module):
     dilation: int = 1
     groups: int = 1
     base_width: int = 64
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     expansion = 4
 
@@ -115,7 +115,7 @@ class ResNet(nn.Module):
         if self.multi_grid is not None and len(self.multi_grid) != self.layers[-1]:
             raise ValueError(f"multi_grid {tuple(self.multi_grid)} needs one entry per block "
                              f"of the last stage ({self.layers[-1]})")
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,

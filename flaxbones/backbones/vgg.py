@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.heads.classification import FCHead
-from flaxbones.layers import BatchNorm, ConvNormAct, kaiming_fan_out, max_pool
+from flaxbones.layers import BatchNorm, Conv, ConvNormAct, kaiming_fan_out, max_pool
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -56,7 +56,7 @@ class VGG(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x, min_size=self.output_stride)
         info = self.feature_info
-        conv = partial(nn.Conv, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, select_features
-from flaxbones.layers import BatchNorm, ModuleDef, SeparableConv, kaiming_fan_out, max_pool
+from flaxbones.layers import BatchNorm, Conv, ModuleDef, SeparableConv, kaiming_fan_out, max_pool
 from flaxbones.registry import register_backbone
 from flaxbones.weights.source import WeightSource
 
@@ -28,7 +28,7 @@ class Block(nn.Module):
     stride: int = 1
     start_with_relu: bool = True
     grow_first: bool = True
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
 
     @nn.compact
@@ -84,7 +84,7 @@ class Xception(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x, min_size=7)
         info = self.feature_info
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, ConvNormAct, ModuleDef, SeparableConv, kaiming_fan_out
+from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv, kaiming_fan_out
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import WeightSource
 
@@ -33,7 +33,7 @@ class XceptionModule(nn.Module):
     unit_rates: Sequence[int] = (1, 1, 1)
     start_with_relu: bool = True
     padding: str = "torch"
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
 
     @nn.compact
@@ -113,7 +113,7 @@ class XceptionAligned(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         info = self.feature_info
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=kaiming_fan_out)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name,

@@ -6,7 +6,7 @@
     for step, batch in zip(range(n), train): ...
     for batch in fbd.segmentation_pipeline(..., train=False): ...   # one exact pass
 
-Every batch is a dict with a leading global-batch axis N:
+Every batch is a dict with a leading batch axis N (global with a mesh, else this host's):
     'image'         float32 (N, H, W, 3)  normalised with mean/std on the [0, 1] scale
     'label'         int32 (N,)            classification pipelines
     'segmentation'  int32 (N, H, W)       segmentation pipelines; 255 = ignore (padding, void)
@@ -21,9 +21,15 @@ Datasets: the built-in `flaxbones_shapes` (generated locally on first use) and T
 datasets prepared in a `data_dir` (cifar10/100, imagenette, imagenet2012,
 oxford_iiit_pet, cityscapes, ...); nothing is downloaded here. TensorFlow is only the
 input pipeline: importing this package hides GPUs from it, so it never takes JAX's
-accelerator memory.
+accelerator memory. Import it before anything else imports TensorFlow.
 """
-import tensorflow as tf
+import importlib.util
+
+if importlib.util.find_spec("triton") is not None:
+    # TF >= 2.20 loads its LLVM with RTLD_GLOBAL; triton (torch's compiler) imported after
+    # it segfaults (tensorflow/tensorflow#124205), so load triton first when installed.
+    import triton  # noqa: F401
+import tensorflow as tf  # noqa: E402
 
 try:
     tf.config.set_visible_devices([], "GPU")

@@ -4,6 +4,7 @@ from typing import Any, Callable
 
 from flax import linen as nn
 
+from flaxbones.layers.depthwise import Conv
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding
 
@@ -16,7 +17,7 @@ kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 class ConvNormAct(nn.Module):
     """A conv (`conv`), an optional norm (`bn`) and an optional activation.
 
-    `conv` and `norm` are injected constructors (e.g. a `partial(nn.Conv, dtype=...)`
+    `conv` and `norm` are injected constructors (e.g. a `partial(Conv, dtype=...)`
     and a `partial(BatchNorm, use_running_average=not train)`), so the same block
     serves every family and weight source; padding follows `padding` ('torch' or 'same').
     """
@@ -27,7 +28,7 @@ class ConvNormAct(nn.Module):
     dilation: int = 1
     groups: int = 1
     padding: str = "torch"
-    conv: ModuleDef = partial(nn.Conv, use_bias=False)
+    conv: ModuleDef = partial(Conv, use_bias=False)
     norm: ModuleDef | None = BatchNorm
     act: Callable | None = nn.relu
 

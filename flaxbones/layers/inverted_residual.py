@@ -4,6 +4,7 @@ from typing import Callable
 from flax import linen as nn
 
 from flaxbones.layers.conv import ConvNormAct, ModuleDef
+from flaxbones.layers.depthwise import Conv
 from flaxbones.layers.norm import BatchNorm
 
 
@@ -34,7 +35,7 @@ class InvertedResidual(nn.Module):
     dilation: int = 1
     act: Callable = nn.relu6
     se: ModuleDef | None = None
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
 
     @nn.compact

@@ -5,6 +5,7 @@ from typing import Callable
 from flax import linen as nn
 
 from flaxbones.layers.conv import ModuleDef
+from flaxbones.layers.depthwise import Conv
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding
 
@@ -22,7 +23,7 @@ class SeparableConv(nn.Module):
     stride: int = 1
     dilation: int = 1
     padding: str = "torch"
-    conv: ModuleDef = partial(nn.Conv, use_bias=False)
+    conv: ModuleDef = partial(Conv, use_bias=False)
     norm: ModuleDef | None = BatchNorm
     act: Callable | None = None
 

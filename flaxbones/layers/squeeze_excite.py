@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.layers.conv import ModuleDef
+from flaxbones.layers.depthwise import Conv
 
 
 class SqueezeExcite(nn.Module):
@@ -17,7 +18,7 @@ class SqueezeExcite(nn.Module):
     channels: int
     act: Callable = nn.relu
     gate: Callable = nn.sigmoid
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
 
     @nn.compact
     def __call__(self, x):
