@@ -1,10 +1,12 @@
 """Atrous Spatial Pyramid Pooling (DeepLabv3), in torchvision's and TF DeepLab's layouts."""
+from functools import partial
 from typing import Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.layers import ConvNormAct, ModuleDef, SeparableConv, resize_bilinear
+from flaxbones.layers import (BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv,
+                              resize_bilinear)
 
 
 def atrous_rates_for(output_stride: int) -> tuple[int, int, int]:
@@ -31,8 +33,8 @@ class ASPP(nn.Module):
     pool_first: bool = False
     separable: bool = False
     align_corners: bool = False
-    conv: ModuleDef = nn.Conv
-    norm: ModuleDef = nn.BatchNorm
+    conv: ModuleDef = partial(Conv, use_bias=False)
+    norm: ModuleDef = BatchNorm
 
     @nn.compact
     def __call__(self, x, train: bool = False):
