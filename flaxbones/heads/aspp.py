@@ -4,7 +4,7 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.layers import ConvNormAct, ModuleDef, resize_bilinear
+from flaxbones.layers import Conv, ConvNormAct, ModuleDef, resize_bilinear
 
 
 def atrous_rates_for(output_stride: int) -> tuple[int, int, int]:
@@ -22,7 +22,7 @@ class SplitSeparableConv(nn.Module):
 
     features: int
     dilation: int = 1
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = nn.BatchNorm
     act: Callable = nn.relu
 
@@ -48,7 +48,7 @@ class ASPP(nn.Module):
     pool_first: bool = False
     separable: bool = False
     align_corners: bool = False
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = nn.BatchNorm
 
     @nn.compact

@@ -5,7 +5,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.layers import BatchNorm
+from flaxbones.layers import Conv, BatchNorm
 
 # torch.nn.Conv2d's default init (kaiming uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -36,7 +36,7 @@ class SegmentationHead(nn.Module):
 
     def conv_def(self, **kwargs):
         """Bias-free conv, as the references use before a BatchNorm."""
-        return partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        return partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=torch_conv_init, **kwargs)
 
     def norm_def(self, train: bool):
@@ -46,6 +46,6 @@ class SegmentationHead(nn.Module):
 
     def classifier_def(self, **kwargs):
         """The final 1x1 conv (with bias) to `num_classes`."""
-        return partial(nn.Conv, self.num_classes, **{
+        return partial(Conv, self.num_classes, **{
             "kernel_size": (1, 1), "dtype": self.dtype, "param_dtype": self.param_dtype,
             "kernel_init": torch_conv_init, **kwargs})

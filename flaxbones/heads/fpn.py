@@ -7,7 +7,7 @@ from flax import linen as nn
 
 from flaxbones.features import FeatureInfo
 from flaxbones.heads.base import SegmentationHead
-from flaxbones.layers import ConvNormAct, resize_bilinear, resize_nearest
+from flaxbones.layers import Conv, ConvNormAct, resize_bilinear, resize_nearest
 
 # torchvision's FPN init: kaiming_uniform(a=1), zero bias.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -55,7 +55,7 @@ class FPN(nn.Module):
     def __call__(self, features: dict):
         if self.extra not in EXTRAS:
             raise ValueError(f"unknown FPN extra {self.extra!r}; choose one of {EXTRAS}")
-        conv = partial(nn.Conv, self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv = partial(Conv, self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                        kernel_init=fpn_init)
         pad = ((1, 1), (1, 1))
         outs, top = [], None
