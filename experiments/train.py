@@ -54,7 +54,7 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
     """The train (endless, resumable at `start_batch`) or eval (one exact pass) pipeline."""
     mean, std = fbd.normalization(model=config.normalize_like)
     common = dict(batch_size=config.batch_size, train=train, data_dir=config.data_dir or None,
-                  mean=mean, std=std, mesh=mesh, seed=config.seed)
+                  mean=mean, std=std, mesh=mesh, seed=config.seed, cache=config.cache)
     if train:
         common["start_batch"] = start_batch
     if config.task == "segmentation":

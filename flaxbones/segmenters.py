@@ -74,13 +74,16 @@ def _aux(aux_loss, aux_level, num_classes, common):
 def deeplabv3(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
               style: str = "torchvision", atrous_rates: Sequence[int] | None = None,
               aux_loss: bool = False, aux_level: str = "C4", dtype: Any = jnp.float32,
-              param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+              param_dtype: Any = jnp.float32, axis_name: str | None = None,
+              head_kwargs: dict | None = None, **backbone_kwargs):
     """DeepLabv3 on C5 (default output stride 16; rates from the stride, or `atrous_rates`);
-    `style` 'torchvision' or 'tf'; `aux_loss` adds torchvision's FCN head on `aux_level`."""
+    `style` 'torchvision' or 'tf'; `aux_loss` adds torchvision's FCN head on `aux_level`;
+    `head_kwargs` override the style's head settings (e.g. bn_momentum, dropout)."""
     common = _common(dtype, param_dtype, axis_name)
     bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
     rates = _rates(bb, ("C5",), atrous_rates, "DeepLabV3Head")
-    head = DeepLabV3Head(num_classes, atrous_rates=rates, **deeplab_style(style), **common)
+    settings = {**deeplab_style(style), **(head_kwargs or {})}
+    head = DeepLabV3Head(num_classes, atrous_rates=rates, **settings, **common)
     return Segmenter(bb, head, _aux(aux_loss, aux_level, num_classes, common))
 
 
@@ -89,14 +92,17 @@ def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
                   output_stride: int | None = None, style: str = "torchvision",
                   atrous_rates: Sequence[int] | None = None, low_level: str = "C2",
                   feature: str = "C5", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                  axis_name: str | None = None, **backbone_kwargs):
+                  axis_name: str | None = None, head_kwargs: dict | None = None,
+                  **backbone_kwargs):
     """DeepLabv3+: ASPP on `feature` (C5; default output stride 16) and a decoder over
-    `low_level` (C2)."""
+    `low_level` (C2); `head_kwargs` override the style's head settings (e.g. bn_momentum,
+    dropout)."""
     common = _common(dtype, param_dtype, axis_name)
     bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
     rates = _rates(bb, (low_level, feature), atrous_rates, "DeepLabV3PlusHead")
-    head = DeepLabV3PlusHead(num_classes, feature=feature, low_level=low_level, atrous_rates=rates,
-                             **deeplab_style(style, plus=True), **common)
+    settings = {**deeplab_style(style, plus=True), **(head_kwargs or {})}
+    head = DeepLabV3PlusHead(num_classes, feature=feature, low_level=low_level,
+                             atrous_rates=rates, **settings, **common)
     return Segmenter(bb, head)
 
 

@@ -306,6 +306,12 @@ def test_bad_output_stride():
         fb.create_model("fcn", backbone=fb.create_backbone("resnet18"), output_stride=8)
 
 
+def test_head_kwargs_override_a_style():
+    model = fb.create_model("deeplabv3plus", backbone="resnet18", style="tf",
+                            head_kwargs={"bn_momentum": 0.9, "dropout": 0.2})
+    assert (model.head.bn_momentum, model.head.dropout, model.head.separable) == (0.9, 0.2, True)
+
+
 def test_any_stride_heads_fall_back_to_a_native_stride_32():
     """FCN / LR-ASPP default to the reference's stride, or 32 where a family cannot dilate
     (FCN-32s); an explicitly requested stride is never replaced."""

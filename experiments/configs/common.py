@@ -15,6 +15,7 @@ def base(**overrides) -> ml_collections.ConfigDict:
     c.crop_size = 512  # segmentation train crop
     c.eval_size = 512  # segmentation eval canvas
     c.scale_range = (0.5, 2.0)
+    c.cache = False  # keep the decoded-once dataset in memory (small datasets)
     c.batch_size = 64  # global
     c.num_steps = 1000
     c.optimizer = ml_collections.ConfigDict(dict(

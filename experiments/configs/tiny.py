@@ -8,7 +8,8 @@ def get_config():
     return base(
         task="segmentation", model="deeplabv3plus",
         model_kwargs=ml_collections.ConfigDict(dict(
-            backbone="mobilenet_v2_050", output_stride=16, style="tf")),
+            backbone="mobilenet_v2_050", output_stride=16, style="tf",
+            head_kwargs=dict(bn_momentum=0.9))),
         normalize_like="mobilenet_v2", dataset="flaxbones_shapes/tiny", num_classes=4,
         crop_size=32, eval_size=32, scale_range=(1.0, 1.0), batch_size=4, num_steps=4,
         optimizer=ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-3)),

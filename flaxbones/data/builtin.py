@@ -92,7 +92,9 @@ def render(rng: np.random.Generator, size: int, max_shapes: int = 3, rotate: boo
 class FlaxbonesShapes(tfds.core.GeneratorBasedBuilder):
     """Shapes on textured backgrounds, with per-pixel classes and image-level labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Shapes at random angles.",
+                     "1.1.0": "Upright shapes by default; the 'rotated' config keeps random angles."}
     BUILDER_CONFIGS = [
         ShapesConfig(name="default", description="96x96, 1000 train / 200 test"),
         ShapesConfig(name="small", description="64x64, 1000 train / 200 test", image_size=64),
