@@ -137,26 +137,50 @@ def warm_start(state, source, source_model):
     return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
 
 
-def save_pictures(config, model, state, eval_data, workdir, task, final_metrics):
-    """Curves, and overlays (segmentation) or a confusion matrix (classification)."""
+def save_pictures(config, model, state, eval_data, workdir):
+    """Curves, and overlays (segmentation) or a confusion matrix (classification).
+
+    Every process runs the predictions (they are collective on a multi-host mesh);
+    process 0 writes the files.
+    """
+    from jax.experimental import multihost_utils
     out = pathlib.Path(workdir) / "pictures"
-    out.mkdir(parents=True, exist_ok=True)
-    pictures.plot_curves(pathlib.Path(workdir) / "metrics.jsonl", out / "curves.png")
     mean, std = fbd.normalization(model=config.normalize_like)
-    classes = list(fbd.sources.dataset_spec(config.dataset).segmentation_classes) or None
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     predict = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    batch = jax.device_get(next(iter(eval_data)))
-    outputs = predict({"params": state.params, "batch_stats": state.batch_stats}, batch["image"])
+
+    def gathered(batch):
+        outputs = predict(variables, batch["image"])
+        logits = outputs["out"] if isinstance(outputs, dict) else outputs
+        return multihost_utils.process_allgather((batch, logits.argmax(-1)), tiled=True)
+
+    main = jax.process_index() == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        pictures.plot_curves(pathlib.Path(workdir) / "metrics.jsonl", out / "curves.png")
     if config.task == "segmentation":
-        preds = np.asarray(jax.device_get(outputs["out"])).argmax(-1)
-        n = config.num_pictures
-        pictures.save_overlays(out / "overlays.png", batch["image"][:n], batch["segmentation"][:n],
-                               preds[:n], mean, std, classes)
+        batch, preds = gathered(next(iter(eval_data)))
+        keep = np.flatnonzero(batch["valid"])[:config.num_pictures]
+        classes = list(fbd.sources.dataset_spec(config.dataset).segmentation_classes) or None
+        if main:
+            pictures.save_overlays(out / "overlays.png", batch["image"][keep],
+                                   batch["segmentation"][keep], preds[keep], mean, std, classes)
         return [out / "curves.png", out / "overlays.png"]
-    cm = final_metrics.get("confusion")
-    if cm is not None:
-        pictures.plot_confusion(cm, classes, out / "confusion.png")
-    return [out / "curves.png"] + ([out / "confusion.png"] if cm is not None else [])
+    cm = np.zeros((config.num_classes,) * 2, np.int64)
+    for batch in eval_data:
+        batch, preds = gathered(batch)
+        valid = np.asarray(batch["valid"], bool)
+        np.add.at(cm, (np.asarray(batch["label"])[valid], np.asarray(preds)[valid]), 1)
+    if main:
+        pictures.plot_confusion(cm, class_names(config), out / "confusion.png")
+    return [out / "curves.png", out / "confusion.png"]
+
+
+def class_names(config):
+    """The dataset's label names when TFDS knows them, else None."""
+    builder = fbd.load_builder(config.dataset, config.data_dir or None)
+    feature = builder.info.features[fbd.sources.dataset_spec(config.dataset).label_key]
+    return list(getattr(feature, "names", None) or []) or None
 
 
 def train_and_evaluate(config, workdir):
@@ -215,8 +239,8 @@ def train_and_evaluate(config, workdir):
         ckpt.wait()
     if not metrics:
         metrics = evaluate(eval_step, state, eval_data, task)
+    paths = save_pictures(config, model, state, eval_data, workdir)
     if jax.process_index() == 0:
-        paths = save_pictures(config, model, state, eval_data, workdir, task, metrics)
         print("pictures: " + ", ".join(str(p) for p in paths))
     return metrics
 

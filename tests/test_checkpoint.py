@@ -134,18 +134,21 @@ def test_load_pretrained_from_a_checkpoint_directory(tmp_path):
         fb.load_pretrained("resnet50", tmp_path)
 
 
-def test_transfer_backbone_reports_loaded_and_kept_leaves(tmp_path):
+def test_classifier_backbone_transfers_into_a_segmenter(tmp_path):
     saved = _classifier_checkpoint(tmp_path, num_classes=7)
-    target = fb.create_model("resnet18", num_classes=3)
-    fresh = jax.jit(target.init)(jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 3)))
+    segmenter = fb.create_model("deeplabv3plus", backbone="resnet18", num_classes=3, style="tf")
+    fresh = jax.jit(segmenter.init)(jax.random.PRNGKey(2), jnp.zeros((1, 32, 32, 3)))
     merged, report = transfer(tmp_path, fresh, subtrees=("backbone",))
-    assert jax.tree_util.tree_all(jax.tree.map(
-        np.array_equal, merged["params"]["backbone"], saved["params"]["backbone"]))
+    for collection in ("params", "batch_stats"):
+        assert jax.tree_util.tree_all(jax.tree.map(
+            np.array_equal, merged[collection]["backbone"], saved[collection]["backbone"]))
     assert jax.tree_util.tree_all(jax.tree.map(
         np.array_equal, merged["params"]["head"], fresh["params"]["head"]))
-    assert report.kept == ["params/head/fc/bias", "params/head/fc/kernel"]
     assert "batch_stats/backbone/bn1/mean" in report.loaded
-    other = jax.eval_shape(fb.create_model("resnet50").init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    assert report.kept and all(k.split("/")[1] == "head" for k in report.kept)
+    assert len(report.loaded) + len(report.kept) == len(jax.tree.leaves(fresh))
+    other = jax.eval_shape(fb.create_model("resnet50").init, jax.random.PRNGKey(0),
+                           jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match="shape mismatches"):
         transfer(tmp_path, other)
 

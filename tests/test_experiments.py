@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -75,6 +76,24 @@ def test_predict_writes_overlays_and_rejects_undecodable_files(trained, tmp_path
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot decode .*broken.jpg"):
         predict.predict(workdir / "checkpoints", [str(image), str(broken)], tmp_path / "out")
+
+
+def test_classifier_run_then_segmenter_warm_started_from_it(train, tmp_path, capsys):
+    """A classification run (confusion-matrix picture), whose checkpoint's backbone starts
+    a segmenter (experiments/configs/transfer_shapes_from_classifier.py's recipe)."""
+    classifier = tiny_config(task="classification", model="resnet18", normalize_like="resnet18",
+                             image_size=32, num_steps=2, eval_every=2, checkpoint_every=2,
+                             log_every=1)
+    classifier.model_kwargs = ml_collections.ConfigDict()
+    result = train.train_and_evaluate(classifier, tmp_path / "cls")
+    assert 0 <= result["top1"] <= 1
+    assert (tmp_path / "cls" / "pictures" / "confusion.png").exists()
+    segmenter = tiny_config(num_steps=1, eval_every=1, log_every=1,
+                            init_from=str(tmp_path / "cls" / "checkpoints"))
+    segmenter.model_kwargs.backbone = "resnet18"
+    segmenter.normalize_like = "resnet18"
+    train.train_and_evaluate(segmenter, tmp_path / "seg")
+    assert "warm start from" in capsys.readouterr().out
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
