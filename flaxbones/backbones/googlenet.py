@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.heads.classification import torch_bias_init
 from flaxbones.layers import (BatchNorm, Conv, ConvNormAct, ModuleDef, adaptive_avg_pool,
@@ -59,7 +60,7 @@ def _basic_conv(train, bn_epsilon, bn_momentum, axis_name, dtype, param_dtype):
     return partial(ConvNormAct, conv=conv, norm=norm)
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(Backbone):
     """GoogLeNet backbone: C1 conv1, C2 conv3, C3 inception3b, C4 inception4e,
     C5 inception5b (each the deepest activation at strides 2..32, before the next pool).
 
@@ -69,15 +70,9 @@ class GoogLeNet(nn.Module):
     'aux1' (inception4a) and 'aux2' (inception4d), for `GoogLeNetHead`.
     """
 
-    output_stride: int = 32
-    out_features: Sequence[str] | None = None
     transform_input: bool = False
     aux_logits: bool = False
-    bn_epsilon: float = 1e-3
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    bn_epsilon: float = option(1e-3)
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:

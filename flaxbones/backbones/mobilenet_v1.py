@@ -1,12 +1,11 @@
 """MobileNet V1 in timm's layout (`mobilenetv1_100`): stem, then depthwise-separable blocks."""
-from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Callable
 
-import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, kaiming_fan_out, make_divisible
+from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, make_divisible
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import WeightSource
 
@@ -32,20 +31,13 @@ class DepthwiseSeparable(nn.Module):
         return ConvNormAct(self.features, 1, name="pw", **block)(x)
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(Backbone):
     """MobileNet V1 backbone; C1..C5 are the outputs of timm's stages `blocks.0` .. `blocks.4`
     (the last block at strides 2..32). `output_stride` 8/16 dilates the depthwise convs with
     torchvision/timm semantics (a stage's first block keeps the previous dilation).
     """
 
     width_mult: float = 1.0
-    output_stride: int = 32
-    out_features: Sequence[str] | None = None
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @property
     def _units(self):
@@ -70,11 +62,8 @@ class MobileNetV1(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         plans, taps = self._taps
-        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        norm = self.norm_def(train)
         outputs = []
         for (_, channels, name), plan in zip(self._units, plans):
             if name == "stem":

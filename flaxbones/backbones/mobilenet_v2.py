@@ -1,14 +1,12 @@
 """MobileNet V2 in torchvision's layout: `features.0` stem, `features.1..17` inverted
 residuals, `features.18` the 1x1 conv to 1280 channels; flax modules are named `features_N`."""
 from functools import partial
-from typing import Any, Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import (BatchNorm, Conv, ConvNormAct, InvertedResidual, kaiming_fan_out,
-                              make_divisible)
+from flaxbones.layers import (ConvNormAct, InvertedResidual, make_divisible)
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -17,7 +15,7 @@ SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 
             (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Backbone):
     """MobileNet V2 backbone, channels rounded exactly as torchvision for any `width_mult`.
 
     C1..C5 are the last unit at strides 2..32: `features.1, .3, .6, .13, .18` (C5 includes the
@@ -28,13 +26,6 @@ class MobileNetV2(nn.Module):
 
     width_mult: float = 1.0
     round_nearest: int = 8
-    output_stride: int = 32
-    out_features: Sequence[str] | None = None
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @property
     def _units(self):
@@ -62,11 +53,8 @@ class MobileNetV2(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         plans, taps = self._taps
-        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        norm = self.norm_def(train)
         outputs = []
         for n, ((_, channels, t), plan) in enumerate(zip(self._units, plans)):
             if t is None:

@@ -7,9 +7,10 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import (BatchNorm, Conv, ConvNormAct, InvertedResidual, SqueezeExcite,
-                              global_avg_pool, kaiming_fan_out, make_divisible)
+from flaxbones.layers import (ConvNormAct, InvertedResidual, SqueezeExcite,
+                              global_avg_pool, make_divisible)
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -32,7 +33,7 @@ STEM = 16
 ACTS = {"RE": nn.relu, "HS": nn.hard_swish}  # hard-swish: x * relu6(x + 3) / 6, as torch
 
 
-class MobileNetV3(nn.Module):
+class MobileNetV3(Backbone):
     """MobileNet V3 backbone (torchvision; BatchNorm eps 1e-3, torch momentum 0.01).
 
     C1..C5 are the last unit at strides 2..32 (large: `features.1, .3, .6, .12, .16`; small:
@@ -44,13 +45,8 @@ class MobileNetV3(nn.Module):
     """
 
     blocks: Sequence[tuple] = LARGE
-    output_stride: int = 32
-    out_features: Sequence[str] | None = None
-    bn_epsilon: float = 1e-3
-    bn_momentum: float = 0.99
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    bn_epsilon: float = option(1e-3)
+    bn_momentum: float = option(0.99)
 
     @property
     def _taps(self):
@@ -68,11 +64,8 @@ class MobileNetV3(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         plans, channels, taps = self._taps
-        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        norm = self.norm_def(train)
         x = ConvNormAct(STEM, 3, 2, conv=conv, norm=norm, act=nn.hard_swish, name="features_0")(x)
         outputs = [x]
         for n, ((k, expanded, out, se, act, _), plan) in enumerate(zip(self.blocks, plans[1:]), 1):

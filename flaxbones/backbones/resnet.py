@@ -2,11 +2,11 @@
 from functools import partial
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, Conv, ModuleDef, kaiming_fan_out, max_pool, torch_padding
+from flaxbones.layers import BatchNorm, Conv, ModuleDef, max_pool, torch_padding
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -74,7 +74,7 @@ class Bottleneck(nn.Module):
         return nn.relu(y + x)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet backbone returning {C1: stem, C2..C5: layer1..layer4}.
 
     `output_stride` 8/16/32 dilates the last stages (torchvision semantics, also for
@@ -86,14 +86,7 @@ class ResNet(nn.Module):
     layers: Sequence[int]
     groups: int = 1
     width_per_group: int = 64
-    output_stride: int = 32
     multi_grid: Sequence[int] | None = None
-    out_features: Sequence[str] | None = None
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     # stem conv, max-pool, layer1..layer4
     def _plans(self):
@@ -115,11 +108,8 @@ class ResNet(nn.Module):
         if self.multi_grid is not None and len(self.multi_grid) != self.layers[-1]:
             raise ValueError(f"multi_grid {tuple(self.multi_grid)} needs one entry per block "
                              f"of the last stage ({self.layers[-1]})")
-        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        norm = self.norm_def(train)
         x = conv(64, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
         feats = {"C1": nn.relu(norm(name="bn1")(x))}
         x = max_pool(feats["C1"], 3, 2, padding=1)

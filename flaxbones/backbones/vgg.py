@@ -1,13 +1,13 @@
 """VGG 11/13/16/19, with and without BatchNorm (torchvision layout), dilated as DeepLab v1."""
 from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.heads.classification import FCHead
-from flaxbones.layers import BatchNorm, Conv, ConvNormAct, kaiming_fan_out, max_pool
+from flaxbones.layers import ConvNormAct, max_pool
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -20,7 +20,7 @@ STAGES = {
 }
 
 
-class VGG(nn.Module):
+class VGG(Backbone):
     """VGG backbone. C1..C4 are the last ReLU of stages 2..5 (strides 2..16, before pool2..5:
     the deepest activation at each stride, as timm, SSD and U-Net tap it); C5 is pool5.
 
@@ -32,13 +32,6 @@ class VGG(nn.Module):
 
     stages: Sequence[Sequence[int]]
     batch_norm: bool = False
-    output_stride: int = 32
-    out_features: Sequence[str] | None = None
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def _plans(self):  # pool1..pool5
         return plan_output_stride((2,) * 5, self.output_stride)
@@ -56,11 +49,8 @@ class VGG(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x, min_size=self.output_stride)
         info = self.feature_info
-        conv = partial(Conv, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype) if self.batch_norm else None
+        conv = self.conv_def(use_bias=True)
+        norm = self.norm_def(train) if self.batch_norm else None
         feats, dilation = {}, 1
         for s, (widths, plan) in enumerate(zip(self.stages, self._plans())):
             for j, width in enumerate(widths):

@@ -6,13 +6,12 @@ hooks that ReLU, so its features are relu(C_k)); C5 the final ReLU's output. Max
 do the downsampling, so only output_stride 32 exists: dilating them would not be exact.
 """
 from functools import partial
-from typing import Any, Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, select_features
-from flaxbones.layers import BatchNorm, Conv, ModuleDef, SeparableConv, kaiming_fan_out, max_pool
+from flaxbones.layers import BatchNorm, Conv, ModuleDef, SeparableConv, max_pool
 from flaxbones.registry import register_backbone
 from flaxbones.weights.source import WeightSource
 
@@ -53,19 +52,12 @@ class Block(nn.Module):
         return y + x
 
 
-class Xception(nn.Module):
+class Xception(Backbone):
     """Chollet's Xception backbone returning {C1..C5} (see the module docstring for the taps).
 
     Only `output_stride=32`; any other raises a ValueError at construction.
     """
 
-    output_stride: int = 32
-    out_features: Sequence[str] | None = None
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,11 +76,8 @@ class Xception(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x, min_size=7)
         info = self.feature_info
-        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        norm = self.norm_def(train)
         x = nn.relu(norm(name="bn1")(conv(32, (3, 3), (2, 2), padding="VALID", name="conv1")(x)))
         x = nn.relu(norm(name="bn2")(conv(64, (3, 3), padding="VALID", name="conv2")(x)))
         feats = {"C1": x}

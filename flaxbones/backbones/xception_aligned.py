@@ -6,13 +6,13 @@ at that block's input stride (DeepLab's `.../xception_module/separable_conv2_poi
 C2 is DeepLab v3+'s low-level feature); C5 is the last block's output (already a ReLU).
 """
 from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv, kaiming_fan_out
+from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import WeightSource
 
@@ -54,7 +54,7 @@ class XceptionModule(nn.Module):
         return y + x, tap
 
 
-class XceptionAligned(nn.Module):
+class XceptionAligned(Backbone):
     """Aligned Xception backbone returning {C1..C5} (see the module docstring for the taps).
 
     `entry` is the entry flow as (channels, stride) blocks and `middle` the number of
@@ -70,15 +70,9 @@ class XceptionAligned(nn.Module):
 
     entry: Sequence[tuple[int, int]]
     middle: int = 16
-    output_stride: int = 32
     multi_grid: Sequence[int] | None = None
-    out_features: Sequence[str] | None = None
     padding: str = "torch"
-    bn_epsilon: float = 1e-3
-    bn_momentum: float = 0.9
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    bn_epsilon: float = option(1e-3)
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,11 +107,8 @@ class XceptionAligned(nn.Module):
     def __call__(self, x, train: bool = False):
         check_images(x)
         info = self.feature_info
-        conv = partial(Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kaiming_fan_out)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.axis_name,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = self.conv_def()
+        norm = self.norm_def(train)
         layer = dict(padding=self.padding, conv=conv, norm=norm)
         x = ConvNormAct(32, 3, 2, name="stem_0", **layer)(x)
         x = ConvNormAct(64, 3, name="stem_1", **layer)(x)
