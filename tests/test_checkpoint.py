@@ -84,6 +84,16 @@ def test_corrupted_checkpoint_names_the_step_and_can_fall_back(tmp_path):
     np.testing.assert_array_equal(restored.state["w"], _small_tree(1)["w"])
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with Checkpoints("run/checkpoints", save_every=1) as ckpt:
+        ckpt.save(1, _small_tree(1), data=1)
+        ckpt.wait()
+        assert ckpt.directory == tmp_path / "run" / "checkpoints"
+    with Checkpoints("run/checkpoints") as ckpt:
+        assert ckpt.restore(abstract_state_like(_small_tree(0))).step == 1
+
+
 def test_retention_metrics_and_metadata(tmp_path):
     meta = {"model": "resnet18", "model_kwargs": {"num_classes": 4}, "config": {"lr": 0.1}}
     with Checkpoints(tmp_path, save_every=1, keep=2, best_metric="acc", meta=meta) as ckpt:

@@ -58,7 +58,7 @@ class Checkpoints:
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every}, {keep}")
-        self.directory = pathlib.Path(directory)
+        self.directory = pathlib.Path(directory).absolute()  # Orbax needs absolute paths
         self.meta = dict(meta or {})
         self.best_metric = best_metric
         keep_policies = [_policies.LatestN(keep)]
