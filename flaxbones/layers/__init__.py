@@ -2,6 +2,7 @@
 from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
 from flaxbones.layers.depthwise import Conv, conv_general_dilated
 from flaxbones.layers.inverted_residual import InvertedResidual, make_divisible
+from flaxbones.layers.module import ConvNormModule, option
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding, torch_padding
 from flaxbones.layers.pooling import adaptive_avg_pool, global_avg_pool, max_pool
@@ -9,7 +10,7 @@ from flaxbones.layers.resize import resize_bilinear, resize_nearest
 from flaxbones.layers.separable import SeparableConv
 from flaxbones.layers.squeeze_excite import SqueezeExcite
 
-__all__ = ["BatchNorm", "Conv", "ConvNormAct", "InvertedResidual", "ModuleDef", "SeparableConv",
-           "SqueezeExcite", "adaptive_avg_pool", "conv_general_dilated", "conv_padding",
-           "global_avg_pool", "kaiming_fan_out", "make_divisible", "max_pool", "resize_bilinear",
-           "resize_nearest", "torch_padding"]
+__all__ = ["BatchNorm", "Conv", "ConvNormAct", "ConvNormModule", "InvertedResidual", "ModuleDef",
+           "SeparableConv", "SqueezeExcite", "adaptive_avg_pool", "conv_general_dilated",
+           "conv_padding", "global_avg_pool", "kaiming_fan_out", "make_divisible", "max_pool",
+           "option", "resize_bilinear", "resize_nearest", "torch_padding"]
