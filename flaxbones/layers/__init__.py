@@ -1,6 +1,6 @@
 """Small shared blocks: conv-norm-act, PyTorch-exact BatchNorm, padding, pooling, resizing."""
 from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
-from flaxbones.layers.depthwise import Conv, conv_general_dilated
+from flaxbones.layers.cpu_conv import Conv, conv_general_dilated
 from flaxbones.layers.inverted_residual import InvertedResidual, make_divisible
 from flaxbones.layers.module import ConvNormModule, option
 from flaxbones.layers.norm import BatchNorm

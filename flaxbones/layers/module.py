@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.layers.conv import kaiming_fan_out
-from flaxbones.layers.depthwise import Conv
+from flaxbones.layers.cpu_conv import Conv
 from flaxbones.layers.norm import BatchNorm
 
 

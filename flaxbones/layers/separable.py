@@ -5,7 +5,7 @@ from typing import Callable
 from flax import linen as nn
 
 from flaxbones.layers.conv import ModuleDef
-from flaxbones.layers.depthwise import Conv
+from flaxbones.layers.cpu_conv import Conv
 from flaxbones.layers.norm import BatchNorm
 from flaxbones.layers.padding import conv_padding
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.layers.conv import ModuleDef
-from flaxbones.layers.depthwise import Conv
+from flaxbones.layers.cpu_conv import Conv
 
 
 class SqueezeExcite(nn.Module):

@@ -1,0 +1,80 @@
+"""Convolution with two CPU rewrites that XLA:CPU runs much faster than its generic conv.
+
+- Depthwise (one channel per group): XLA:CPU lowers it to a slow generic loop, ~13x
+  slower forward and ~4.5x forward+backward than k*k shifted multiply-adds (measured on
+  16x32x32x144, 3x3).
+- Pointwise (1x1, one group): as a convolution, its kernel gradient is a convolution with
+  batch and channels swapped, which XLA:CPU feeds through full-tensor transposes; as a
+  matmul (`dot_general` over channels, stride by slicing) the kernel gradient is one GEMM.
+  ResNet-50's train step at batch 16 went from 7.8 s to 4.6 s on 2 cores.
+
+`Conv` is `nn.Conv` with both injected: same parameters, same layout, the same sums (only
+their order changes); on other backends and for every other convolution it is lax's.
+"""
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+
+def _is_plain_nhwc(lhs, rhs, dimension_numbers):
+    if dimension_numbers is None:
+        return False
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (tuple(dn.lhs_spec) == (0, 3, 1, 2) and tuple(dn.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dn.out_spec) == (0, 3, 1, 2))
+
+
+def _explicit_padding(padding, lhs, rhs, window_strides, dilation):
+    if not isinstance(padding, str):
+        return tuple(map(tuple, padding))
+    window = [d * (k - 1) + 1 for d, k in zip(dilation, rhs.shape[:2])]
+    return tuple(lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """`lax.conv_general_dilated`, except NHWC depthwise and pointwise convolutions on CPU."""
+    dilation = tuple(rhs_dilation or (1, 1))
+    eligible = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not kwargs
+                and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                and _is_plain_nhwc(lhs, rhs, dimension_numbers))
+    if eligible:
+        pads = _explicit_padding(padding, lhs, rhs, window_strides, dilation)
+        groups = feature_group_count
+        if groups > 1 and rhs.shape[2] == 1 and groups == lhs.shape[-1] == rhs.shape[-1]:
+            return _shifted_depthwise(lhs, rhs[:, :, 0, :], tuple(window_strides), pads, dilation)
+        if groups == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+            return _pointwise(lhs, rhs[0, 0], tuple(window_strides), precision)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kwargs)
+
+
+def _shifted_depthwise(x, kernel, strides, padding, dilation):
+    """sum_ij x[shifted by (i, j) * dilation, strided] * kernel[i, j], in >= float32."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], strides, dilation
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    n, h, w, c = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    out = jnp.zeros((n, oh, ow, c), acc_dtype)
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(x, (0, i * dh, j * dw, 0),
+                               (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                               (1, sh, sw, 1))
+            out = out + window.astype(acc_dtype) * kernel[i, j].astype(acc_dtype)
+    return out.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _pointwise(x, kernel, strides, precision):
+    """A 1x1 convolution as a matmul over channels; the stride picks every s-th pixel."""
+    if strides != (1, 1):
+        x = x[:, ::strides[0], ::strides[1], :]
+    return lax.dot_general(x, kernel, (((3,), (0,)), ((), ())), precision=precision)
+
+
+Conv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)
