@@ -1,0 +1,18 @@
+"""The benchmark scripts run end to end (on the seconds-long 'smoke' workload) and print
+their tables; what they measure is never asserted here."""
+from benchmarks import memory, run
+
+
+def test_run_prints_a_flax_vs_torch_table(capsys):
+    run.main(["--workloads", "smoke", "--modes", "infer", "--steps", "1"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| smoke @64"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["fp32", "infer", "2"]
+    assert float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[6].strip("*")) > 0
+
+
+def test_memory_compares_plain_and_remat(capsys):
+    memory.main(["--workloads", "smoke", "--steps", "1", "--size", "32"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smoke")]
+    assert [r.split("|")[3].strip() for r in rows] == ["plain", "remat"]
