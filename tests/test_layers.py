@@ -54,3 +54,22 @@ def test_cpu_conv_rewrites_are_taken_and_keep_bf16(k, groups, monkeypatch):
                              feature_group_count=groups)
     assert calls == ["_pointwise" if k == 1 else "_shifted_depthwise"]
     assert y.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("window,stride,padding,ceil_mode", [(3, 2, 1, False), (3, 2, 0, True),
+                                                             (2, 2, 0, False), (3, 1, 1, True)])
+def test_max_pool_matches_torch_including_gradients_at_ties(window, stride, padding, ceil_mode):
+    import torch
+
+    from flaxbones.layers import max_pool
+    rng = np.random.default_rng(1)
+    x = np.round(rng.uniform(-1, 1, (2, 9, 12, 3)) * 2).astype(np.float32) / 2  # many ties
+    g = rng.normal(size=(1,)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a: max_pool(a, window, stride, padding, ceil_mode), jnp.asarray(x))
+    cot = rng.normal(size=y.shape).astype(np.float32) + g
+    (dx,) = vjp(jnp.asarray(cot))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil_mode)
+    yt.backward(torch.from_numpy(cot.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
