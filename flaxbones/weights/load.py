@@ -23,9 +23,18 @@ def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
     be used: anything else raises a ValueError listing the first offenders, and nothing is
     returned. With `skip_head=True` the classifier head may differ (another num_classes):
     its leaves keep their initial values (from `rng`) and the report says which.
+    With `scan_blocks=True` a weight file is loaded onto the unscanned model, then stacked
+    (`flaxbones.scan.scan_variables`); a checkpoint loads in the form it was saved in.
     """
     if pathlib.Path(path).is_dir():
         return _load_checkpoint(name, path, rng, return_report, create_kwargs)
+    if create_kwargs.get("scan_blocks"):
+        from flaxbones.scan import scan_variables
+
+        out = load_pretrained(name, path, skip_head=skip_head, rng=rng, return_report=True,
+                              **{**create_kwargs, "scan_blocks": False})
+        variables = scan_variables(out[0], create_model(name, **create_kwargs))
+        return (variables, out[1]) if return_report else variables
     model = create_model(name, **create_kwargs)
     source = get_spec(name).weights
     if source is None:
