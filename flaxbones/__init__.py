@@ -5,9 +5,11 @@ from flaxbones.features import FeatureInfo
 from flaxbones.models import Classifier, Segmenter
 from flaxbones.registry import (create_backbone, create_model, get_spec, list_backbones,
                                 list_models)
+from flaxbones.scan import scan_variables, unscan_variables
 from flaxbones.weights import load_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model",
-           "get_spec", "list_backbones", "list_models", "load_pretrained"]
+           "get_spec", "list_backbones", "list_models", "load_pretrained", "scan_variables",
+           "unscan_variables"]

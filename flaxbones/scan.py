@@ -7,6 +7,11 @@ leaf stacked along a new leading axis in block order, so `layer3_scan/block/conv
 is `layer3_{k + 1}/conv1/kernel`. `scan_variables` / `unscan_variables` convert full
 variable dicts ({'params', 'batch_stats', ...}) of a backbone or of a model holding one as
 `backbone` (Classifier, Segmenter), whichever form the given model has.
+
+A training checkpoint keeps the form it was saved in: load it in that form
+(`load_pretrained(None, directory)`), convert, and save or `transfer` in the other.
+On XLA:CPU the backward convolutions inside the loop miss the fast convolution path
+(an XLA limitation), so scanned train steps there compile faster but run slower.
 """
 from typing import Any, Callable
 
