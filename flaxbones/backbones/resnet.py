@@ -8,7 +8,7 @@ from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.layers import BatchNorm, Conv, ModuleDef, max_pool, torch_padding
 from flaxbones.registry import register_variants
-from flaxbones.scan import scan_repeat
+from flaxbones.scan import loop_conv, scan_repeat
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 
@@ -135,7 +135,8 @@ class ResNet(Backbone):
                 if self.multi_grid is not None and i == 3:
                     first = dil = plan.dilation * self.multi_grid[j]
                 if j == 1 and f"layer{i + 1}_scan" in scanned:
-                    x = scan_repeat(partial(block, first_dilation=dil, dilation=dil),
+                    x = scan_repeat(partial(block, first_dilation=dil, dilation=dil,
+                                            conv=loop_conv(conv)),
                                     blocks - 1, f"layer{i + 1}_scan")(x)
                     break
                 x = block(stride=plan.stride if j == 0 else 1, first_dilation=first, dilation=dil,

@@ -14,7 +14,7 @@ from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
 from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv
 from flaxbones.registry import register_variants
-from flaxbones.scan import scan_repeat
+from flaxbones.scan import loop_conv, scan_repeat
 from flaxbones.weights.source import WeightSource
 
 
@@ -131,7 +131,7 @@ class XceptionAligned(Backbone):
                 continue
             if scanned and f"blocks_{i}" == scanned[0]:
                 x = scan_repeat(partial(XceptionModule, chs, False, plan.stride,
-                                        plan.first_dilation, **layer),
+                                        plan.first_dilation, **{**layer, "conv": loop_conv(conv)}),
                                 len(scanned), "blocks_middle", tapped=True)(x)
                 continue
             last = i == len(blocks) - 1
