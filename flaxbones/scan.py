@@ -23,7 +23,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax import lax
 
-from flaxbones.layers.depthwise import _is_plain_nhwc, conv_general_dilated
+from flaxbones.layers.cpu_conv import _explicit_padding, _is_plain_nhwc, conv_general_dilated
 
 BODY = "block"
 
@@ -57,19 +57,17 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def loop_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                               rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                               precision=None, **kwargs):
-    """The library's convolution; on CPU a stride-1 ungrouped NHWC one gets a backward
-    pass in NHWC/HWIO convolutions (see the module docstring)."""
+    """The library's convolution (`layers.cpu_conv`); on CPU a stride-1 ungrouped NHWC one
+    with a spatial kernel gets a backward pass in NHWC/HWIO convolutions (see above)."""
     dilation = tuple(rhs_dilation or (1, 1))
-    if not (feature_group_count == 1 and not kwargs and lhs.ndim == 4
-            and tuple(window_strides) == (1, 1) and all(d == 1 for d in (lhs_dilation or (1, 1)))
-            and _is_plain_nhwc(lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers))
-            and jax.default_backend() == "cpu"):
-        return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision, **kwargs)
-    if isinstance(padding, str):
-        window = [d * (k - 1) + 1 for d, k in zip(dilation, rhs.shape[:2])]
-        padding = lax.padtype_to_pads(lhs.shape[1:3], window, (1, 1), padding)
-    return _nhwc_conv(lhs, rhs, tuple(map(tuple, padding)), dilation, precision)
+    if (jax.default_backend() == "cpu" and feature_group_count == 1 and not kwargs
+            and lhs.ndim == 4 and rhs.shape[:2] != (1, 1) and tuple(window_strides) == (1, 1)
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and _is_plain_nhwc(lhs, rhs, dimension_numbers)):
+        pads = _explicit_padding(padding, lhs, rhs, (1, 1), dilation)
+        return _nhwc_conv(lhs, rhs, pads, dilation, precision)
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, precision, **kwargs)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -75,7 +75,8 @@ def close_trees(actual, expected, what, rel=1e-4):
 
 
 @pytest.mark.parametrize("kernel,dilation,padding", [
-    (3, 1, "SAME"), (3, 2, ((2, 2), (2, 2))), (1, 1, "VALID"), (3, 1, ((0, 2), (1, 0)))])
+    (3, 1, "SAME"), (3, 2, ((2, 2), (2, 2))), (1, 1, "VALID"), (3, 1, ((0, 2), (1, 0))),
+    (1, 1, ((1, 0), (0, 1)))])
 def test_loop_conv_gradients_equal_lax(kernel, dilation, padding):
     rs = np.random.RandomState(1)
     x, w = rs.randn(2, 9, 11, 4).astype(np.float32), rs.randn(kernel, kernel, 4, 6).astype(np.float32)
