@@ -94,3 +94,10 @@ def test_remat_replays_the_same_dropout_masks():
     np.testing.assert_allclose(r_loss, loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(r_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_xception_blocks_are_remat_targets():
+    from flaxbones.backbones.xception_aligned import XceptionModule
+    model = fb.create_model("deeplabv3plus_xception65")
+    wrapped = train.remat_blocks(model).backbone.block
+    assert wrapped is not XceptionModule and issubclass(wrapped, XceptionModule)

@@ -77,6 +77,7 @@ class XceptionAligned(Backbone):
     padding: str = "torch"
     bn_epsilon: float = option(1e-3)
     scan_blocks: bool = option(False)
+    block: ModuleDef = option(XceptionModule)  # a field, so `train.remat_blocks` can wrap it
 
     def __post_init__(self):
         super().__post_init__()
@@ -130,14 +131,14 @@ class XceptionAligned(Backbone):
             if f"blocks_{i}" in scanned[1:]:
                 continue
             if scanned and f"blocks_{i}" == scanned[0]:
-                x = scan_repeat(partial(XceptionModule, chs, False, plan.stride,
+                x = scan_repeat(partial(self.block, chs, False, plan.stride,
                                         plan.first_dilation, **{**layer, "conv": loop_conv(conv)}),
                                 len(scanned), "blocks_middle", tapped=True)(x)
                 continue
             last = i == len(blocks) - 1
             rates = tuple(self.multi_grid) if last and self.multi_grid else (1, 1, 1)
             projection = nominal != 1 or x.shape[-1] != chs[-1]
-            x, tap = XceptionModule(chs, projection, plan.stride, plan.first_dilation, rates,
+            x, tap = self.block(chs, projection, plan.stride, plan.first_dilation, rates,
                                     start_with_relu=not last, name=f"blocks_{i}", **layer)(x)
             if nominal > 1:
                 feats[f"C{len(feats) + 1}"] = tap
