@@ -88,7 +88,7 @@ def markdown(table, gpu: bool) -> str:
         name = r["workload"] + ("" if r["same_params"] else " (params differ!)")
         lines.append(
             f"| {name} @{r['size']} | {r['precision']} | {r['mode']} | {r['batch']} "
-            f"| {_fmt(r['flax_images_per_s'])} | {_fmt(r['torch_images_per_s'])} "
+            f"| {_fmt(r['flax_images_per_s'], '{:.3g}')} | {_fmt(r['torch_images_per_s'], '{:.3g}')} "
             f"| **{_fmt(r['speed_ratio'], '{:.2f}')}** | {_fmt(r['flax_first_s'])} "
             f"| {_fmt(r['torch_first_s'], '{:.2f}')} | {_fmt(r['flax_' + mem_key], '{:.0f}')} "
             f"| {_fmt(r['torch_' + mem_key], '{:.0f}')} | {gflops} | {mfu} |")
