@@ -10,20 +10,15 @@ variable dicts ({'params', 'batch_stats', ...}) of a backbone or of a model hold
 
 A training checkpoint keeps the form it was saved in: load it in that form
 (`load_pretrained(None, directory)`), convert, and save or `transfer` in the other.
-On XLA:CPU the transposed convolutions that jax's backward pass emits miss the fast
-convolution path inside a loop body (not outside), so `loop_conv` writes them in NHWC/HWIO
-there: gradients equal to rounding, and the train step runs as fast as unscanned.
+Scanned blocks build their convs with `layers.cpu_conv.loop_conv` (XLA:CPU's backward
+convolutions inside a loop body; see there).
 """
-from functools import partial
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
-from jax import lax
 
-from flaxbones.layers.cpu_conv import _explicit_padding, _is_plain_nhwc, conv_general_dilated
 
 BODY = "block"
 
@@ -49,56 +44,6 @@ def scan_repeat(block: Callable[..., nn.Module], length: int, name: str,
                       split_rngs={"params": True, "dropout": True}, length=length)
     step = scanned(block, tapped, name=name)
     return lambda x: step(x, None)[0]
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def loop_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                              rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                              precision=None, **kwargs):
-    """The library's convolution (`layers.cpu_conv`); on CPU a stride-1 ungrouped NHWC one
-    with a spatial kernel gets a backward pass in NHWC/HWIO convolutions (see above)."""
-    dilation = tuple(rhs_dilation or (1, 1))
-    if (jax.default_backend() == "cpu" and feature_group_count == 1 and not kwargs
-            and lhs.ndim == 4 and rhs.shape[:2] != (1, 1) and tuple(window_strides) == (1, 1)
-            and all(d == 1 for d in (lhs_dilation or (1, 1)))
-            and _is_plain_nhwc(lhs, rhs, dimension_numbers)):
-        pads = _explicit_padding(padding, lhs, rhs, (1, 1), dilation)
-        return _nhwc_conv(lhs, rhs, pads, dilation, precision)
-    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                dimension_numbers, feature_group_count, precision, **kwargs)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nhwc_conv(x, w, padding, dilation, precision):
-    return lax.conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=dilation,
-                                    dimension_numbers=_NHWC, precision=precision)
-
-
-def _nhwc_conv_fwd(x, w, padding, dilation, precision):
-    return _nhwc_conv(x, w, padding, dilation, precision), (x, w)
-
-
-def _nhwc_conv_bwd(padding, dilation, precision, res, g):
-    """dx: g correlated with the flipped, in/out-swapped kernel; dw: x correlated with g,
-    batch and channels swapped (strided by the dilation)."""
-    x, w = res
-    full = [(d * (k - 1) - lo, d * (k - 1) - hi) for d, k, (lo, hi) in zip(dilation, w.shape, padding)]
-    dx = lax.conv_general_dilated(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), (1, 1), full,
-                                  rhs_dilation=dilation, dimension_numbers=_NHWC,
-                                  precision=precision)
-    dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation,
-                                  padding, dimension_numbers=_NHWC, precision=precision)
-    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
-
-
-_nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
-
-
-def loop_conv(conv: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """`conv` (an `nn.Conv` constructor) for use inside a scanned block."""
-    return partial(conv, conv_general_dilated=loop_conv_general_dilated)
 
 
 def _groups(model) -> tuple[str, dict[str, list[str]]]:

@@ -12,7 +12,8 @@ import torchvision
 import flaxbones as fb
 from flaxbones import train
 from flaxbones.backbones.xception_aligned import XceptionAligned
-from flaxbones.scan import loop_conv_general_dilated, scan_variables, unscan_variables
+from flaxbones.layers import conv_general_dilated
+from flaxbones.scan import scan_variables, unscan_variables
 from torch_ref import assert_close, randomize, save_state
 
 IMAGES = jnp.asarray(np.random.RandomState(0).randn(2, 45, 51, 3), jnp.float32)
@@ -84,7 +85,7 @@ def test_loop_conv_gradients_equal_lax(kernel, dilation, padding):
 
     def loss(conv):
         return jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args))), argnums=(0, 1))(x, w)
-    for got, want in zip(loss(loop_conv_general_dilated), loss(jax.lax.conv_general_dilated)):
+    for got, want in zip(loss(partial(conv_general_dilated, in_loop=True)), loss(jax.lax.conv_general_dilated)):
         assert_close(got, want, rel=1e-5)
 
 

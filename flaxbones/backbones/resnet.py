@@ -6,9 +6,9 @@ from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, Conv, ModuleDef, max_pool, torch_padding
+from flaxbones.layers import BatchNorm, Conv, ModuleDef, loop_conv, max_pool, torch_padding
 from flaxbones.registry import register_variants
-from flaxbones.scan import loop_conv, scan_repeat
+from flaxbones.scan import scan_repeat
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 

@@ -12,9 +12,9 @@ from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv
+from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv, loop_conv
 from flaxbones.registry import register_variants
-from flaxbones.scan import loop_conv, scan_repeat
+from flaxbones.scan import scan_repeat
 from flaxbones.weights.source import WeightSource
 
 

@@ -1,6 +1,6 @@
 """Small shared blocks: conv-norm-act, PyTorch-exact BatchNorm, padding, pooling, resizing."""
 from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
-from flaxbones.layers.cpu_conv import Conv, conv_general_dilated
+from flaxbones.layers.cpu_conv import Conv, conv_general_dilated, loop_conv
 from flaxbones.layers.inverted_residual import InvertedResidual, make_divisible
 from flaxbones.layers.module import ConvNormModule, option
 from flaxbones.layers.norm import BatchNorm
@@ -12,5 +12,5 @@ from flaxbones.layers.squeeze_excite import SqueezeExcite
 
 __all__ = ["BatchNorm", "Conv", "ConvNormAct", "ConvNormModule", "InvertedResidual", "ModuleDef",
            "SeparableConv", "SqueezeExcite", "adaptive_avg_pool", "conv_general_dilated",
-           "conv_padding", "global_avg_pool", "kaiming_fan_out", "make_divisible", "max_pool",
+           "conv_padding", "global_avg_pool", "kaiming_fan_out", "loop_conv", "make_divisible", "max_pool",
            "option", "resize_bilinear", "resize_nearest", "torch_padding"]

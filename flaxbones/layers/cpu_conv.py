@@ -8,8 +8,12 @@
   matmul (`dot_general` over channels, stride by slicing) the kernel gradient is one GEMM.
   ResNet-50's train step at batch 16 went from 7.8 s to 4.6 s on 2 cores.
 
-`Conv` is `nn.Conv` with both injected: same parameters, same layout, the same sums (only
-their order changes); on other backends and for every other convolution it is lax's.
+Inside a loop body (scanned blocks) XLA:CPU also misses its fast path for the transposed
+convolutions of a stride-1 convolution's backward pass (a scanned ResNet-50 step: 1.52 s
+against 0.26 s unrolled); `loop_conv` gives those a VJP written as NHWC/HWIO convolutions.
+
+`Conv` is `nn.Conv` with the rewrites injected: same parameters, same layout, the same sums
+(only their order changes); on other backends and for every other convolution it is lax's.
 """
 from functools import partial
 
@@ -35,8 +39,10 @@ def _explicit_padding(padding, lhs, rhs, window_strides, dilation):
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated`, except NHWC depthwise and pointwise convolutions on CPU."""
+                         dimension_numbers=None, feature_group_count=1, precision=None,
+                         in_loop=False, **kwargs):
+    """`lax.conv_general_dilated`, except NHWC depthwise and pointwise convolutions on CPU,
+    and (`in_loop`) stride-1 spatial convolutions inside a loop body."""
     dilation = tuple(rhs_dilation or (1, 1))
     eligible = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not kwargs
                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -48,6 +54,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return _shifted_depthwise(lhs, rhs[:, :, 0, :], tuple(window_strides), pads, dilation)
         if groups == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
             return _pointwise(lhs, rhs[0, 0], tuple(window_strides), precision)
+        if (in_loop and groups == 1 and rhs.shape[:2] != (1, 1)
+                and tuple(window_strides) == (1, 1)):
+            return _nhwc_conv(lhs, rhs, pads, dilation, precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kwargs)
@@ -77,4 +86,38 @@ def _pointwise(x, kernel, strides, precision):
     return lax.dot_general(x, kernel, (((3,), (0,)), ((), ())), precision=precision)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nhwc_conv(x, w, padding, dilation, precision):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=dilation,
+                                    dimension_numbers=_NHWC, precision=precision)
+
+
+def _nhwc_conv_fwd(x, w, padding, dilation, precision):
+    return _nhwc_conv(x, w, padding, dilation, precision), (x, w)
+
+
+def _nhwc_conv_bwd(padding, dilation, precision, res, g):
+    """dx: g correlated with the flipped, in/out-swapped kernel; dw: x correlated with g,
+    batch and channels swapped (strided by the dilation)."""
+    x, w = res
+    full = [(d * (k - 1) - lo, d * (k - 1) - hi) for d, k, (lo, hi) in zip(dilation, w.shape, padding)]
+    dx = lax.conv_general_dilated(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), (1, 1), full,
+                                  rhs_dilation=dilation, dimension_numbers=_NHWC,
+                                  precision=precision)
+    dw = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), dilation,
+                                  padding, dimension_numbers=_NHWC, precision=precision)
+    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+_nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
+
+
 Conv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+def loop_conv(conv):
+    """`conv` (an `nn.Conv` constructor) for use inside a loop body (a scanned block)."""
+    return partial(conv, conv_general_dilated=partial(conv_general_dilated, in_loop=True))
