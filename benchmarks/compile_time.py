@@ -48,12 +48,11 @@ def measure(name: str, scan: bool, remat: bool = False, batch: int = 2) -> tuple
 
 
 def run_one(name: str, scan: bool, remat: bool = False) -> tuple[float, float]:
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    from benchmarks.run import worker_env
+
     cmd = ([sys.executable, os.path.abspath(__file__), "--one", name] + (["--scan"] if scan else [])
            + (["--remat"] if remat else []))
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, env=worker_env(), check=True, capture_output=True, text=True).stdout
     wall, cpu = map(float, out.split()[-2:])
     print(f"{name} scan={scan} remat={remat}: {wall:.1f} s wall, {cpu:.1f} s CPU", file=sys.stderr)
     return wall, cpu

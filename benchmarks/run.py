@@ -19,8 +19,18 @@ import sys
 
 from benchmarks.workloads import WORKLOADS
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = ("resnet50", "resnet101", "xception65", "mobilenet_v2",
            "deeplabv3plus_resnet101", "deeplabv3plus_xception65")
+
+
+def worker_env() -> dict:
+    """The environment of a measuring subprocess: the repository importable, and no
+    persistent compilation cache (a cached compile would time as zero)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
 
 
 def run_worker(framework, workload, mode, args, precision, options=None) -> dict:
@@ -31,10 +41,7 @@ def run_worker(framework, workload, mode, args, precision, options=None) -> dict
            "--options", json.dumps(options or {})]
     cmd += ["--batch", str(args.batch)] if args.batch else []
     cmd += ["--size", str(args.size)] if args.size else []
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

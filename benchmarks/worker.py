@@ -64,10 +64,10 @@ def run_flax(workload, mode, batch, size, steps, precision, options):
         model = train.remat_blocks(model)
     images, labels = _inputs(workload, batch, size, np.random.default_rng(0))
     mesh = train.make_mesh()
-    state = train.create_train_state(model, optax.sgd(0.01, momentum=0.9), jax.random.key(0),
-                                     (1, size, size, 3), mesh, policy=policy)
-    params = sum(x.size for x in jax.tree.leaves(state.params))
     if mode == "train":
+        state = train.create_train_state(model, optax.sgd(0.01, momentum=0.9), jax.random.key(0),
+                                         (1, size, size, 3), mesh, policy=policy)
+        params = sum(a.size for a in jax.tree.leaves(state.params))
         task = (train.Classification() if workload.task == "classification"
                 else train.Segmentation(workload.num_classes))
         key = task.label_key
@@ -84,7 +84,8 @@ def run_flax(workload, mode, batch, size, steps, precision, options):
             jax.block_until_ready(metrics)
     else:
         x = jax.device_put(jnp.asarray(images, policy.compute_dtype))
-        variables = state.variables
+        variables = jax.jit(lambda rng: model.init(rng, x[:1], train=False))(jax.random.key(0))
+        params = sum(a.size for a in jax.tree.leaves(variables["params"]))
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
         start = time.perf_counter()
         compiled = fn.lower(variables, x).compile()
