@@ -21,7 +21,7 @@ from benchmarks.workloads import WORKLOADS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = ("resnet50", "resnet101", "xception65", "mobilenet_v2",
-           "deeplabv3plus_resnet101", "deeplabv3plus_xception65")
+           "deeplabv3plus_resnet101", "deeplabv3plus_xception65", "cifar_resnet18")
 
 
 def worker_env() -> dict:

@@ -35,6 +35,9 @@ WORKLOADS = {w.name: w for w in (
     _classifier("mobilenet_v2", "torchvision:mobilenet_v2"),
     _segmenter("deeplabv3plus_resnet101", "deeplabv3plus:resnet101"),
     _segmenter("deeplabv3plus_xception65", "deeplabv3plus:xception65"),
+    # experiments/configs/cifar10_resnet18.py: small images, so layer4 runs at 2x2
+    Workload("cifar_resnet18", "resnet18", "torchvision:resnet18", 64, "classification",
+             {"cpu": 128, "gpu": 512}, 10),
     # a seconds-long workload for smoke tests of the scripts themselves
     Workload("smoke", "resnet18", "torchvision:resnet18", 64, "classification",
              {"cpu": 2, "gpu": 2}, 10),

@@ -1,5 +1,5 @@
-"""layers.Conv's CPU rewrites (depthwise as shifted sums, pointwise as a matmul) give
-lax.conv_general_dilated's outputs and gradients."""
+"""layers.Conv's CPU rewrites (depthwise as shifted sums, pointwise as a matmul, tiny
+outputs as im2col) give lax.conv_general_dilated's outputs and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +10,19 @@ from flaxbones.layers import cpu_conv
 from flaxbones.layers.cpu_conv import conv_general_dilated
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-CASES = [  # (kernel, in, out, groups, stride, padding, dilation)
-    (1, 8, 12, 1, 1, "VALID", 1),
-    (1, 8, 12, 1, 2, "SAME", 1),
-    (1, 8, 12, 1, 2, ((0, 0), (0, 0)), 1),
-    (3, 8, 8, 8, 1, "SAME", 1),
-    (3, 8, 8, 8, 2, ((1, 1), (1, 1)), 1),
-    (5, 8, 8, 8, 2, "SAME", 2),
-    (3, 8, 12, 1, 1, "SAME", 1),  # neither: lax's own path
+CASES = [  # (kernel, in, out, groups, stride, padding, dilation, input size)
+    (1, 8, 12, 1, 1, "VALID", 1, (11, 13)),
+    (1, 8, 12, 1, 2, "SAME", 1, (11, 13)),
+    (1, 8, 12, 1, 2, ((0, 0), (0, 0)), 1, (11, 13)),
+    (3, 8, 8, 8, 1, "SAME", 1, (11, 13)),
+    (3, 8, 8, 8, 2, ((1, 1), (1, 1)), 1, (11, 13)),
+    (5, 8, 8, 8, 2, "SAME", 2, (11, 13)),
+    (3, 8, 12, 1, 1, "SAME", 1, (11, 13)),  # none: lax's own path
+    (3, 8, 12, 1, 1, "SAME", 1, (2, 2)),  # tiny outputs: im2col
+    (3, 8, 12, 1, 2, ((1, 1), (1, 1)), 1, (5, 7)),
+    (3, 8, 12, 1, 1, "SAME", 3, (3, 4)),
+    (7, 3, 8, 1, 2, ((3, 2), (3, 3)), 1, (6, 7)),
+    (3, 8, 12, 1, 1, "VALID", 1, (4, 5)),
 ]
 
 
@@ -27,10 +32,11 @@ def _loss(conv, x, w, stride, padding, dilation, groups):
     return jnp.sum(jnp.sin(y)), y
 
 
-@pytest.mark.parametrize("k,cin,cout,groups,stride,padding,dilation", CASES)
-def test_cpu_conv_matches_lax_outputs_and_gradients(k, cin, cout, groups, stride, padding, dilation):
+@pytest.mark.parametrize("k,cin,cout,groups,stride,padding,dilation,size", CASES)
+def test_cpu_conv_matches_lax_outputs_and_gradients(k, cin, cout, groups, stride, padding,
+                                                    dilation, size):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 11, 13, cin)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, *size, cin)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
     args = (stride, padding, dilation, groups)
     grad = jax.grad(_loss, argnums=(1, 2), has_aux=True)
@@ -41,18 +47,20 @@ def test_cpu_conv_matches_lax_outputs_and_gradients(k, cin, cout, groups, stride
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("k,groups", [(1, 1), (3, 8)])
-def test_cpu_conv_rewrites_are_taken_and_keep_bf16(k, groups, monkeypatch):
+@pytest.mark.parametrize("k,groups,size,rewrite", [(1, 1, 5, "_pointwise"),
+                                                   (3, 8, 5, "_shifted_depthwise"),
+                                                   (3, 1, 4, "_im2col"), (3, 1, 5, None)])
+def test_cpu_conv_rewrites_are_taken_and_keep_bf16(k, groups, size, rewrite, monkeypatch):
     calls = []
-    for name in ("_pointwise", "_shifted_depthwise"):
+    for name in ("_pointwise", "_shifted_depthwise", "_im2col"):
         original = getattr(cpu_conv, name)
         monkeypatch.setattr(cpu_conv, name,
                             lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    x = jnp.ones((1, 5, 5, 8), jnp.bfloat16)
+    x = jnp.ones((1, size, size, 8), jnp.bfloat16)
     w = jnp.ones((k, k, 8 // groups, 8), jnp.bfloat16)
     y = conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC,
                              feature_group_count=groups)
-    assert calls == ["_pointwise" if k == 1 else "_shifted_depthwise"]
+    assert calls == ([rewrite] if rewrite else [])
     assert y.dtype == jnp.bfloat16
 
 

@@ -1,4 +1,4 @@
-"""Convolution with two CPU rewrites that XLA:CPU runs much faster than its generic conv.
+"""Convolution with CPU rewrites that XLA:CPU runs much faster than its generic conv.
 
 - Depthwise (one channel per group): XLA:CPU lowers it to a slow generic loop, ~13x
   slower forward and ~4.5x forward+backward than k*k shifted multiply-adds (measured on
@@ -7,6 +7,11 @@
   batch and channels swapped, which XLA:CPU feeds through full-tensor transposes; as a
   matmul (`dot_general` over channels, stride by slicing) the kernel gradient is one GEMM.
   ResNet-50's train step at batch 16 went from 7.8 s to 4.6 s on 2 cores.
+- Tiny outputs (at most 16 pixels per image: ResNet's last stage on small images, ASPP
+  on a small map): XLA:CPU swaps such a convolution's operands into a generic Eigen loop,
+  up to 40x slower; as im2col (k*k shifted slices concatenated over channels) and one
+  matmul it is cheap. A 3x3 512->512 conv on 2x2x2 inputs: 18.3 -> 0.5 ms forward,
+  41 -> 4 ms forward+backward; resnet18 at 64x64: 60 -> 8 ms forward.
 
 Inside a loop body (scanned blocks) XLA:CPU also misses its fast path for the transposed
 convolutions of a stride-1 convolution's backward pass (a scanned ResNet-50 step: 1.52 s
@@ -41,8 +46,8 @@ def _explicit_padding(padding, lhs, rhs, window_strides, dilation):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
                          in_loop=False, **kwargs):
-    """`lax.conv_general_dilated`, except NHWC depthwise and pointwise convolutions on CPU,
-    and (`in_loop`) stride-1 spatial convolutions inside a loop body."""
+    """`lax.conv_general_dilated`, except NHWC depthwise, pointwise and tiny-output
+    convolutions on CPU, and (`in_loop`) stride-1 spatial convolutions inside a loop body."""
     dilation = tuple(rhs_dilation or (1, 1))
     eligible = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not kwargs
                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -54,6 +59,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return _shifted_depthwise(lhs, rhs[:, :, 0, :], tuple(window_strides), pads, dilation)
         if groups == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
             return _pointwise(lhs, rhs[0, 0], tuple(window_strides), precision)
+        if groups == 1 and _is_tiny(_out_size(lhs, rhs, window_strides, pads, dilation)):
+            return _im2col(lhs, rhs, tuple(window_strides), pads, dilation, precision)
         if (in_loop and groups == 1 and rhs.shape[:2] != (1, 1)
                 and tuple(window_strides) == (1, 1)):
             return _nhwc_conv(lhs, rhs, pads, dilation, precision)
@@ -62,20 +69,44 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     precision=precision, **kwargs)
 
 
-def _shifted_depthwise(x, kernel, strides, padding, dilation):
-    """sum_ij x[shifted by (i, j) * dilation, strided] * kernel[i, j], in >= float32."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], strides, dilation
+_IM2COL_MAX_PIXELS = 16
+
+
+def _out_size(x, kernel, strides, padding, dilation):
+    return [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, (lo, hi), d, k, s
+            in zip(x.shape[1:3], padding, dilation, kernel.shape[:2], strides)]
+
+
+def _is_tiny(out_size):
+    return min(out_size) >= 1 and out_size[0] * out_size[1] <= _IM2COL_MAX_PIXELS
+
+
+def _windows(x, kernel_size, strides, padding, dilation):
+    """The k*k shifted, strided views of the padded input that a convolution sums over."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     n, h, w, c = x.shape
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    return [lax.slice(x, (0, i * dh, j * dw, 0),
+                      (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+def _im2col(x, kernel, strides, padding, dilation, precision):
+    """The windows concatenated over channels (in kernel order), times the flattened kernel."""
+    patches = jnp.concatenate(_windows(x, kernel.shape[:2], strides, padding, dilation), axis=-1)
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    return lax.dot_general(patches, flat, (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _shifted_depthwise(x, kernel, strides, padding, dilation):
+    """sum_ij x[shifted by (i, j) * dilation, strided] * kernel[i, j], in >= float32."""
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    out = jnp.zeros((n, oh, ow, c), acc_dtype)
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(x, (0, i * dh, j * dw, 0),
-                               (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
-                               (1, sh, sw, 1))
-            out = out + window.astype(acc_dtype) * kernel[i, j].astype(acc_dtype)
+    windows = _windows(x, kernel.shape[:2], strides, padding, dilation)
+    taps = kernel.reshape(-1, kernel.shape[-1]).astype(acc_dtype)
+    out = jnp.zeros(windows[0].shape, acc_dtype)
+    for window, tap in zip(windows, taps):
+        out = out + window.astype(acc_dtype) * tap
     return out.astype(jnp.result_type(x.dtype, kernel.dtype))
 
 
