@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from flaxbones.layers.tied import tied_checkpoint
+
 
 def _is_plain_nhwc(lhs, rhs, dimension_numbers):
     if dimension_numbers is None:
@@ -100,6 +102,14 @@ def _im2col(x, kernel, strides, padding, dilation, precision):
 
 
 def _shifted_depthwise(x, kernel, strides, padding, dilation):
+    """The depthwise sum, saving only `x` for the backward pass: as plain autodiff of the
+    sum, every one of the k*k shifted windows was kept (MobileNetV2's train step: 1869 MiB
+    of XLA temp buffers, 640 MiB this way, and 1.7 -> 1.2-1.4 s per step)."""
+    depthwise = partial(_depthwise_sum, strides=strides, padding=padding, dilation=dilation)
+    return tied_checkpoint(depthwise, tied_argnums=(0,))(x, kernel)
+
+
+def _depthwise_sum(x, kernel, strides, padding, dilation):
     """sum_ij x[shifted by (i, j) * dilation, strided] * kernel[i, j], in >= float32."""
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     windows = _windows(x, kernel.shape[:2], strides, padding, dilation)
