@@ -8,7 +8,7 @@ from flax import linen as nn
 
 import flaxbones as fb
 from flaxbones import train
-from flaxbones.train.remat import tied_checkpoint
+from flaxbones.layers.tied import tied_checkpoint
 
 X = np.random.default_rng(0).normal(size=(2, 48, 40, 3)).astype(np.float32)
 
