@@ -75,7 +75,8 @@ def main():
         cells = [[run_one(name, scan, args.remat) for _ in range(args.repeat)]
                  for scan in (False, True)]
         (plain, plain_cpu), (scanned, scanned_cpu) = (map(min, zip(*c)) for c in cells)
-        rows.append(f"| {name}{' + remat_blocks' if args.remat else ''} | {plain:.1f} | {scanned:.1f} | {plain / scanned:.1f}x "
+        label = name + (" + remat_blocks" if args.remat else "")
+        rows.append(f"| {label} | {plain:.1f} | {scanned:.1f} | {plain / scanned:.1f}x "
                     f"| {plain_cpu / scanned_cpu:.1f}x |")
     print("\n".join(rows))
 

@@ -85,7 +85,8 @@ def test_loop_conv_gradients_equal_lax(kernel, dilation, padding):
 
     def loss(conv):
         return jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args))), argnums=(0, 1))(x, w)
-    for got, want in zip(loss(partial(conv_general_dilated, in_loop=True)), loss(jax.lax.conv_general_dilated)):
+    in_loop = partial(conv_general_dilated, in_loop=True)
+    for got, want in zip(loss(in_loop), loss(jax.lax.conv_general_dilated)):
         assert_close(got, want, rel=1e-5)
 
 

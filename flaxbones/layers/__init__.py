@@ -12,5 +12,5 @@ from flaxbones.layers.squeeze_excite import SqueezeExcite
 
 __all__ = ["BatchNorm", "Conv", "ConvNormAct", "ConvNormModule", "InvertedResidual", "ModuleDef",
            "SeparableConv", "SqueezeExcite", "adaptive_avg_pool", "conv_general_dilated",
-           "conv_padding", "global_avg_pool", "kaiming_fan_out", "loop_conv", "make_divisible", "max_pool",
-           "option", "resize_bilinear", "resize_nearest", "torch_padding"]
+           "conv_padding", "global_avg_pool", "kaiming_fan_out", "loop_conv", "make_divisible",
+           "max_pool", "option", "resize_bilinear", "resize_nearest", "torch_padding"]

@@ -61,7 +61,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return _shifted_depthwise(lhs, rhs[:, :, 0, :], tuple(window_strides), pads, dilation)
         if groups == 1 and rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
             return _pointwise(lhs, rhs[0, 0], tuple(window_strides), precision)
-        if groups == 1 and _is_tiny(_out_size(lhs, rhs, window_strides, pads, dilation)):
+        out_size = _out_size(lhs.shape[1:3], rhs.shape[:2], window_strides, pads, dilation)
+        if groups == 1 and min(out_size) >= 1 and out_size[0] * out_size[1] <= _IM2COL_MAX_PIXELS:
             return _im2col(lhs, rhs, tuple(window_strides), pads, dilation, precision)
         if (in_loop and groups == 1 and rhs.shape[:2] != (1, 1)
                 and tuple(window_strides) == (1, 1)):
@@ -74,23 +75,21 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 _IM2COL_MAX_PIXELS = 16
 
 
-def _out_size(x, kernel, strides, padding, dilation):
+def _out_size(in_size, kernel_size, strides, padding, dilation):
+    """Output height and width of a convolution with explicit padding."""
     return [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, (lo, hi), d, k, s
-            in zip(x.shape[1:3], padding, dilation, kernel.shape[:2], strides)]
-
-
-def _is_tiny(out_size):
-    return min(out_size) >= 1 and out_size[0] * out_size[1] <= _IM2COL_MAX_PIXELS
+            in zip(in_size, padding, dilation, kernel_size, strides)]
 
 
 def _windows(x, kernel_size, strides, padding, dilation):
     """The k*k shifted, strided views of the padded input that a convolution sums over."""
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    oh, ow = _out_size(x.shape[1:3], kernel_size, strides, padding, dilation)
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    n, h, w, c = x.shape
-    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    n, c = x.shape[0], x.shape[3]
     return [lax.slice(x, (0, i * dh, j * dw, 0),
-                      (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+                      (n, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                      (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]
 
 
@@ -144,7 +143,8 @@ def _nhwc_conv_bwd(padding, dilation, precision, res, g):
     """dx: g correlated with the flipped, in/out-swapped kernel; dw: x correlated with g,
     batch and channels swapped (strided by the dilation)."""
     x, w = res
-    full = [(d * (k - 1) - lo, d * (k - 1) - hi) for d, k, (lo, hi) in zip(dilation, w.shape, padding)]
+    full = [(d * (k - 1) - lo, d * (k - 1) - hi)
+            for d, k, (lo, hi) in zip(dilation, w.shape, padding)]
     dx = lax.conv_general_dilated(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), (1, 1), full,
                                   rhs_dilation=dilation, dimension_numbers=_NHWC,
                                   precision=precision)
