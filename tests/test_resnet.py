@@ -49,6 +49,21 @@ def test_eval_parity_with_torchvision(name, tmp_path):
         assert_close(feats[level], expected, what=f"{name} {level}")
 
 
+def test_small_image_parity_with_torchvision(tmp_path):
+    """64 px (the cifar10_resnet18 config): layer3 at 4x4 and layer4 at 2x2 take the CPU
+    tiny-output path (im2col + matmul), which must still give torchvision's numbers."""
+    torch.manual_seed(0)
+    images = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+    ref = randomize(torchvision.models.resnet18(num_classes=10), seed=3)
+    variables = load_from_torch("resnet18", ref, tmp_path, num_classes=10)
+    logits, feats, _ = apply_with_features(fb.create_model("resnet18", num_classes=10),
+                                           variables, images)
+    errors = {"logits": assert_close(logits, run(ref, images), what="resnet18 @64 logits")}
+    for level, expected in torch_features(ref.eval(), images).items():
+        errors[level] = assert_close(feats[level], expected, what=f"resnet18 @64 {level}")
+    print("resnet18 @64 eval", {k: f"{v:.1e}" for k, v in errors.items()})
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_train_parity_with_torchvision(name, tmp_path):
     torch.manual_seed(0)
