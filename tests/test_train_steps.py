@@ -132,6 +132,21 @@ def test_nonfinite_loss_raises_or_skips_and_ema():
         step_for(state)(state, bad)
 
 
+def test_fp16_gradient_overflow_skips_the_step_and_halves_the_scale():
+    """A finite loss whose scaled fp16 backward overflows: the gradient-norm guard must
+    catch the inf gradients alone."""
+    policy = train.Policy.named("fp16")
+    state = make_state(TinyNet(**policy.model_kwargs()), train.make_optimizer("sgd", 0.1),
+                       policy=policy)
+    state = state.replace(loss_scale=train.LossScale.create(2.0 ** 40))
+    before = jax.device_get(state.params)
+    state, m = step_for(state, policy=policy)(state, problem())
+    assert bool(m["finite"]) and bool(m["skipped"]) and not np.isfinite(m["grad_norm"])
+    assert float(state.loss_scale.scale) == 2.0 ** 39
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_eval_masks_padded_examples():
     state = make_state(TinyNet(num_classes=6), train.make_optimizer("sgd", 0.1))
     batch = problem(5, seed=3)

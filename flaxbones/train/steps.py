@@ -38,9 +38,13 @@ def _micro_batches(batch, k):
                         batch)
 
 
-def _all_finite(tree):
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+def _global_norm(tree):
+    """The float32 L2 norm over all leaves, one reduction per leaf. It doubles as the
+    gradients' finiteness check (NaN or inf anywhere makes it non-finite, as does an
+    entry beyond 1.8e19, whose square overflows): a separate is-finite reduction per leaf
+    cost 4 s of XLA:CPU compile on a scanned resnet152."""
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
 
 
 def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_steps=1,
@@ -84,7 +88,8 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
     loss_sum, count, sums = (_psum(t, axis_name) for t in (loss_sum, count, sums))
     if mean_batch_stats:
         new_stats = jax.lax.pmean(new_stats, axis_name)
-    grads_finite, loss_finite = _all_finite(grads), jnp.isfinite(loss_sum)
+    grad_norm = _global_norm(grads)
+    grads_finite, loss_finite = jnp.isfinite(grad_norm), jnp.isfinite(loss_sum)
     scaling = state.loss_scale is not None
     # `finite` flags trouble; an fp16 gradient overflow is routine under loss scaling.
     finite = loss_finite & (grads_finite | scaling)
@@ -107,7 +112,7 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
         new = new.replace(loss_scale=state.loss_scale.update(grads_finite))
         sums = {**sums, "loss_scale": state.loss_scale.scale}
     metrics = {"loss_sum": loss_sum, "count": count, **sums,
-               "grad_norm": optax.tree.norm(grads), "finite": finite, "skipped": ~keep}
+               "grad_norm": grad_norm, "finite": finite, "skipped": ~keep}
     return new, metrics
 
 
