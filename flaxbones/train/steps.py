@@ -72,9 +72,10 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
         def accumulate(carry, xs):
             grads, loss_sum, count, stats, sums = carry
             micro, i = xs
-            g, (l, c, stats, s) = grad_fn(state.params, stats, micro, jax.random.fold_in(step_rng, i))
+            g, (part, c, stats, s) = grad_fn(state.params, stats, micro,
+                                             jax.random.fold_in(step_rng, i))
             add = functools.partial(jax.tree.map, jnp.add)
-            return (add(grads, g), loss_sum + l, count + c, stats, add(sums, s)), None
+            return (add(grads, g), loss_sum + part, count + c, stats, add(sums, s)), None
 
         micro = _micro_batches(batch, accum_steps)
         first = jax.tree.map(lambda a: a[0], micro)
