@@ -13,6 +13,7 @@ A training checkpoint keeps the form it was saved in: load it in that form
 Scanned blocks build their convs with `layers.cpu_conv.loop_conv` (XLA:CPU's backward
 convolutions inside a loop body; see there).
 """
+import re
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -21,6 +22,15 @@ from flax import traverse_util
 
 
 BODY = "block"
+# A scanned module's body: its leaves carry the leading block axis ("layer3_scan/block/",
+# "blocks_middle/block/"); no unscanned module is named `block`.
+STACKED = re.compile(rf"(?:^|/)[^/]+/{BODY}/")
+
+
+def is_stacked(path: str) -> bool:
+    """Whether the leaf at `path` ("params/backbone/layer3_scan/block/conv1/kernel", any
+    prefix) is stacked along a leading block axis by `scan_repeat`."""
+    return STACKED.search(path) is not None
 
 
 class _Step(nn.Module):

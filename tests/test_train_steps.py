@@ -1,6 +1,7 @@
 """Single-device train engine checks on a tiny conv-BN net (cheap compiles): gradient
 accumulation and remat, mixed precision, non-finite handling, EMA, padded evaluation,
 bad input."""
+import contextlib
 from typing import Any
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax._src.array import ArrayImpl
 
 from flaxbones import train
 from flaxbones.layers import BatchNorm
@@ -29,7 +31,8 @@ class TinyBlock(nn.Module):
 
 
 class TinyNet(nn.Module):
-    """{'backbone': conv-BN-conv, 'head': dense}, like the library's classifiers."""
+    """{'backbone': conv-BN-conv, 'head': dense} returning {'out': logits}, like the
+    library's classifiers."""
 
     num_classes: int = 4
     block: Any = TinyBlock
@@ -39,8 +42,8 @@ class TinyNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = self.block(8, not train, self.dtype, self.param_dtype, name="backbone")(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="head")(x.mean((1, 2)))
+        return {"out": nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                                name="head")(x.mean((1, 2)))}
 
 
 SHAPE = (8, 8, 3)
@@ -103,9 +106,21 @@ def test_mixed_precision_trains_with_fp32_params(name):
     dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
               if jnp.issubdtype(x.dtype, jnp.floating)}
     assert dtypes == {jnp.dtype(jnp.float32)}
-    out = model.apply(state.variables, policy.cast_inputs(jnp.asarray(batch["image"])))
+    out = model.apply(state.variables, policy.cast_inputs(jnp.asarray(batch["image"])))["out"]
     assert out.dtype == policy.compute_dtype and policy.cast_outputs(out).dtype == jnp.float32
     assert (state.loss_scale is not None) == (name == "fp16")
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Fails on any device->host read of a jax.Array: np.asarray, bool(), .item() and
+    jax.device_get all go through ArrayImpl._value. (jax.transfer_guard does not see
+    device->host reads on CPU, where the buffer is host memory already.)"""
+    def refuse(self):
+        raise AssertionError(f"host read of a {self.shape} {self.dtype} array")
+    with monkeypatch.context() as m:
+        m.setattr(ArrayImpl, "_value", property(refuse))
+        yield
 
 
 def test_nonfinite_loss_raises_or_skips_and_ema():
@@ -127,9 +142,47 @@ def test_nonfinite_loss_raises_or_skips_and_ema():
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b)
 
-    state = make_state(TinyNet(), tx)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        step_for(state)(state, bad)
+
+def assert_raise_mode(step, state, good, bad, monkeypatch, host=lambda s: s):
+    """nonfinite='raise' without a host sync per step: a non-finite step's update is
+    dropped on device; check_finite() (and the call after `check_every` = 3 unchecked
+    steps) raises naming the first bad step and its loss."""
+    state, _ = step(state, good)  # step 1
+    before = jax.device_get(host((state.params, state.batch_stats, state.opt_state)))
+    with no_host_reads(monkeypatch):
+        state, _ = step(state, bad)  # step 2, not applied
+        state, _ = step(state, bad)  # step 3, not applied
+    after = jax.device_get(host((state.params, state.batch_stats, state.opt_state)))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    assert int(host(state.step)) == 3
+    with pytest.raises(FloatingPointError, match=r"train step 2 \(loss_sum nan\).*2 of the 3"):
+        step.check_finite()
+    step.check_finite()  # checked flags are forgotten
+    with no_host_reads(monkeypatch):
+        state, _ = step(state, good)
+        state, _ = step(state, good)
+        state, _ = step(state, bad)  # step 6
+    with pytest.raises(FloatingPointError, match="train step 6"):
+        step(state, good)  # the 4th call reads the 3 pending flags before it runs
+    state, _ = step(state, good)  # the caller's state is intact: training can go on
+    step.check_finite()
+    assert int(host(state.step)) == 7
+
+
+def test_nonfinite_raise_drops_the_update_and_checks_without_a_sync_per_step(monkeypatch):
+    good, bad = problem(), problem()
+    bad["image"][0, 0, 0, 0] = np.nan
+    state = make_state(TinyNet(), train.make_optimizer("sgd", 0.1, momentum=0.9))
+    assert_raise_mode(step_for(state, check_every=3), state, good, bad, monkeypatch)
+
+
+def test_pmap_nonfinite_raise_drops_the_update_and_checks_without_a_sync_per_step(monkeypatch):
+    good, bad = (train.split_batch(b) for b in (problem(), problem()))
+    bad["image"][0, 0, 0, 0, 0] = np.nan
+    state = train.replicate(make_state(TinyNet(), train.make_optimizer("sgd", 0.1, momentum=0.9)))
+    step = train.make_pmap_train_step(train.Classification(), check_every=3)
+    assert_raise_mode(step, state, good, bad, monkeypatch, host=train.unreplicate)
 
 
 def test_fp16_gradient_overflow_skips_the_step_and_halves_the_scale():
@@ -155,7 +208,7 @@ def test_eval_masks_padded_examples():
     evaluate = train.make_eval_step(train.Classification(topk=(1, 5)), MESH,
                                     jax.tree.map(lambda a: a.sharding, state))
     got = train.summarize(jax.device_get(evaluate(state, padded)))
-    logits = np.asarray(state.apply_fn(state.variables, batch["image"]), np.float64)
+    logits = np.asarray(state.apply_fn(state.variables, batch["image"])["out"], np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     order = np.argsort(-logits, -1)
     np.testing.assert_allclose(got["loss"], -logp[np.arange(5), batch["label"]].mean(), rtol=1e-5)

@@ -90,6 +90,7 @@ def run_jit(mode):
     for b in batches():
         local = jax.tree.map(lambda a: np.split(a, n)[pid], b)
         state, metrics = step(state, train.shard_batch(local, mesh))
+    step.check_finite()  # the deferred non-finite check, on every process
     if mode == "jit" and n == 1:
         EVAL[mode] = train.make_eval_step(TASK, mesh, sharding)(
             state, train.shard_batch(eval_batch(), mesh))
@@ -105,6 +106,7 @@ def run_pmap(mode):
         if mode == "pmap_local":  # per-device BN: average the running statistics as "local" does
             state = state.replace(batch_stats=jax.pmap(lambda s: jax.lax.pmean(s, "d"), "d")(
                 state.batch_stats))
+    step.check_finite()
     if mode == "pmap":
         EVAL[mode] = train.make_pmap_eval_step(TASK)(state, train.split_batch(eval_batch()))
     return train.unreplicate(state), metrics

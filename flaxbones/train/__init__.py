@@ -2,8 +2,8 @@
 optimizers, losses and metrics. Pure functions any script calls."""
 from flaxbones.train.distributed import initialize, is_main_process
 from flaxbones.train.losses import segmentation_cross_entropy, softmax_cross_entropy
-from flaxbones.train.metrics import (confusion_matrix, segmentation_scores, summarize,
-                                     topk_correct)
+from flaxbones.train.metrics import (confusion_matrix, predictions, segmentation_scores,
+                                     summarize, topk_correct)
 from flaxbones.train.optim import decay_mask, make_optimizer, make_schedule
 from flaxbones.train.pmap import (make_pmap_eval_step, make_pmap_train_step, replicate,
                                   split_batch, unreplicate)
@@ -19,7 +19,8 @@ __all__ = [
     "Classification", "FSDP_RULES", "LossScale", "Policy", "Segmentation", "TrainState",
     "batch_sharding", "confusion_matrix", "create_train_state", "decay_mask", "initialize",
     "is_main_process", "make_eval_step", "make_mesh", "make_optimizer", "make_pmap_eval_step",
-    "make_pmap_train_step", "make_schedule", "make_train_step", "pad_batch", "remat_blocks",
+    "make_pmap_train_step", "make_schedule", "make_train_step", "pad_batch", "predictions",
+    "remat_blocks",
     "replicate", "segmentation_cross_entropy", "segmentation_scores", "shard_batch",
     "softmax_cross_entropy", "split_batch", "state_shardings", "summarize", "topk_correct",
     "tree_shardings", "unreplicate",

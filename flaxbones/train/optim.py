@@ -1,28 +1,59 @@
 """Optimizer factory over optax: SGD/Nesterov, AdamW, LAMB; warmup + cosine/step
-schedules; weight decay off BatchNorm and biases; backbone vs head learning rates."""
+schedules; weight decay on kernels only; backbone vs head learning rates.
+
+Rules go by leaf *name*, so scanned (stacked, `flaxbones.scan`) and unrolled trees take
+the same updates. An option that would not act raises instead of being dropped."""
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from flaxbones.scan import is_stacked
+from flaxbones.train.sharding import path_str
+
+# Options that only some optimizers / schedules read.
+OPTIMIZER_OPTIONS = {"sgd": ("momentum", "nesterov"), "adamw": ("b1", "b2", "eps"),
+                     "lamb": ("b1", "b2", "eps")}
+SCHEDULE_OPTIONS = {"constant": (), "cosine": ("total_steps", "end_value"),
+                    "step": ("boundaries", "decay_factor")}
+
+
+def _reject_unused(kind: str, name: str, used: Sequence[str], **options):
+    given = [k for k, v in options.items() if v is not None and k not in used]
+    if given:
+        reads = f"; it reads {', '.join(used)}" if used else ""
+        raise ValueError(f"{given[0]} does not apply to the {name!r} {kind}{reads}")
 
 
 def make_schedule(learning_rate: float, schedule: str = "cosine", *, warmup_steps: int = 0,
-                  total_steps: int | None = None, boundaries: Sequence[int] = (),
-                  decay_factor: float = 0.1, end_value: float = 0.0) -> optax.Schedule:
-    """'constant', 'cosine' (to `end_value` at `total_steps`) or 'step' (x `decay_factor`
-    at each of `boundaries`, absolute steps), after a linear warmup from 0."""
+                  total_steps: int | None = None, boundaries: Sequence[int] | None = None,
+                  decay_factor: float | None = None,
+                  end_value: float | None = None) -> optax.Schedule:
+    """'constant', 'cosine' (to `end_value`, default 0, at `total_steps`) or 'step'
+    (x `decay_factor`, default 0.1, at each of `boundaries`, absolute steps), after a
+    linear warmup from 0. Options of another schedule raise ValueError."""
+    if schedule not in SCHEDULE_OPTIONS:
+        raise ValueError(f"unknown schedule {schedule!r}; use 'constant', 'cosine' or 'step'")
+    _reject_unused("schedule", schedule, SCHEDULE_OPTIONS[schedule], total_steps=total_steps,
+                   end_value=end_value, boundaries=boundaries, decay_factor=decay_factor)
+    if callable(learning_rate):
+        raise ValueError("learning_rate is already a schedule; pass a float peak with "
+                         "schedule options, or the schedule alone")
     if schedule == "cosine":
         if total_steps is None:
             raise ValueError("the cosine schedule needs total_steps")
         return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps,
-                                                  max(total_steps, warmup_steps + 1), end_value)
+                                                  max(total_steps, warmup_steps + 1),
+                                                  end_value or 0.0)
     if schedule == "step":
+        if not boundaries:
+            raise ValueError("the step schedule needs boundaries")
+        factor = 0.1 if decay_factor is None else decay_factor
         main = optax.piecewise_constant_schedule(
-            learning_rate, {b - warmup_steps: decay_factor for b in boundaries if b > warmup_steps})
-    elif schedule == "constant":
-        main = optax.constant_schedule(learning_rate)
+            learning_rate, {b - warmup_steps: factor for b in boundaries if b > warmup_steps})
     else:
-        raise ValueError(f"unknown schedule {schedule!r}; use 'constant', 'cosine' or 'step'")
+        main = optax.constant_schedule(learning_rate)
     if not warmup_steps:
         return main
     warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
@@ -30,37 +61,69 @@ def make_schedule(learning_rate: float, schedule: str = "cosine", *, warmup_step
 
 
 def decay_mask(params):
-    """True where weight decay applies: kernels (rank >= 2), not BN scales/shifts or biases."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """True where weight decay applies: leaves named `kernel` (conv and dense), whatever
+    their rank; not BatchNorm scales/biases nor biases."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p[-1:]) == "kernel", params)
+
+
+def scale_by_trust_ratio() -> optax.GradientTransformation:
+    """optax.scale_by_trust_ratio (LAMB's ||param|| / ||update|| per leaf), per block for
+    leaves stacked by scan: each block keeps the ratio it has unrolled."""
+    def scale(path, u, p):
+        axes = tuple(range(1 if is_stacked(path_str(path)) else 0, u.ndim))
+        p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axes, keepdims=True))
+        u_norm = jnp.sqrt(jnp.sum(jnp.square(u), axes, keepdims=True))
+        return u * jnp.where((p_norm == 0) | (u_norm == 0), 1.0, p_norm / u_norm).astype(u.dtype)
+
+    def update(updates, state, params):
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def backbone_labels(params):
     """'backbone' for the top-level `backbone` sub-tree, 'head' for everything else."""
+    if "backbone" not in params:
+        raise ValueError(f"backbone_lr_mult / freeze_backbone need a top-level 'backbone' in "
+                         f"the params; they have {sorted(params)}")
     return {k: jax.tree.map(lambda _: "backbone" if k == "backbone" else "head", v)
             for k, v in params.items()}
 
 
-def make_optimizer(name: str = "sgd", learning_rate=0.1, *, momentum: float = 0.9,
-                   nesterov: bool = False, weight_decay: float = 0.0, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8, clip_norm: float | None = None,
-                   backbone_lr_mult: float = 1.0, freeze_backbone: bool = False,
+def make_optimizer(name: str = "sgd", learning_rate=0.1, *, momentum: float | None = None,
+                   nesterov: bool | None = None, weight_decay: float = 0.0,
+                   b1: float | None = None, b2: float | None = None, eps: float | None = None,
+                   clip_norm: float | None = None, backbone_lr_mult: float = 1.0,
+                   freeze_backbone: bool = False,
                    **schedule_kwargs) -> optax.GradientTransformation:
     """An optax transformation. `learning_rate` is a float or schedule; with any of
-    `schedule`, `warmup_steps`, `total_steps`, `boundaries` it is the peak of
-    `make_schedule`. SGD decays weights as torch does (L2 added to the gradient before
-    momentum); AdamW and LAMB decouple it. `backbone_lr_mult` scales (and
-    `freeze_backbone` zeroes) the updates of params['backbone']; `clip_norm` clips the
-    global gradient norm first."""
+    `schedule`, `warmup_steps`, `total_steps`, `boundaries`, ... it is the peak of
+    `make_schedule`. SGD reads `momentum` (default 0.9) and `nesterov` (default False) and
+    decays weights as torch does (L2 added to the gradient before momentum); AdamW and
+    LAMB read `b1`, `b2`, `eps` (0.9, 0.999, 1e-8) and decouple the decay. Any of these
+    given to an optimizer that does not read it raises ValueError. `backbone_lr_mult`
+    scales (or `freeze_backbone` zeroes) the updates of params['backbone']; `clip_norm`
+    clips the global gradient norm first."""
+    if name not in OPTIMIZER_OPTIONS:
+        raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adamw' or 'lamb'")
+    _reject_unused("optimizer", name, OPTIMIZER_OPTIONS[name], momentum=momentum,
+                   nesterov=nesterov, b1=b1, b2=b2, eps=eps)
+    if freeze_backbone and backbone_lr_mult != 1.0:
+        raise ValueError("freeze_backbone zeroes the backbone's updates; backbone_lr_mult "
+                         f"={backbone_lr_mult} would not act")
     lr = make_schedule(learning_rate, **schedule_kwargs) if schedule_kwargs else learning_rate
+    b1, b2, eps = (d if v is None else v for v, d in ((b1, 0.9), (b2, 0.999), (eps, 1e-8)))
     if name == "sgd":
+        momentum = 0.9 if momentum is None else momentum
+        if nesterov and not momentum:
+            raise ValueError("nesterov=True needs momentum > 0")
         base = optax.chain(optax.add_decayed_weights(weight_decay, decay_mask),
-                           optax.sgd(lr, momentum or None, nesterov))
+                           optax.sgd(lr, momentum or None, bool(nesterov)))
     elif name == "adamw":
         base = optax.adamw(lr, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
-    elif name == "lamb":
-        base = optax.lamb(lr, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adamw' or 'lamb'")
+        base = optax.chain(optax.scale_by_adam(b1, b2, eps),
+                           optax.add_decayed_weights(weight_decay, decay_mask),
+                           scale_by_trust_ratio(), optax.scale_by_learning_rate(lr))
     if freeze_backbone or backbone_lr_mult != 1.0:
         backbone = (optax.set_to_zero() if freeze_backbone
                     else optax.chain(base, optax.scale(backbone_lr_mult)))

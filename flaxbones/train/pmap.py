@@ -12,7 +12,7 @@ from flax import jax_utils
 
 from flaxbones.train.precision import Policy
 from flaxbones.train.sharding import check_batch
-from flaxbones.train.steps import Step, _check_options, eval_body, train_body
+from flaxbones.train.steps import Step, _check_options, _numbered, eval_body, train_body
 
 replicate = jax_utils.replicate
 
@@ -40,18 +40,20 @@ class PmapStep(Step):
 
 def make_pmap_train_step(task, *, axis_name: str = "batch", policy: Policy = Policy(),
                          bn_mode: str = "global", accum_steps: int = 1,
-                         nonfinite: str = "raise") -> PmapStep:
+                         nonfinite: str = "raise", check_every: int = 100) -> PmapStep:
     """pmapped train_step(replicated state, split batch) -> (state, metric sums).
-    bn_mode "global" needs the model's BatchNorm `axis_name`; "frozen" as in jit."""
-    _check_options(bn_mode, nonfinite, accum_steps)
+    bn_mode "global" needs the model's BatchNorm `axis_name`; "frozen", `nonfinite` and
+    `check_every` (call `train_step.check_finite()` at logging steps) as in jit."""
+    _check_options(bn_mode, nonfinite, accum_steps, check_every)
     if bn_mode == "local":
         raise ValueError("under pmap, per-device BatchNorm is a model built without axis_name")
     body = functools.partial(train_body, task=task, policy=policy, bn_mode=bn_mode,
-                             accum_steps=accum_steps, skip_nonfinite=nonfinite == "skip",
+                             accum_steps=accum_steps, skip_nonfinite=nonfinite != "ignore",
                              axis_name=axis_name)
-    fn = jax.pmap(body, axis_name=axis_name, donate_argnums=0)
+    fn = jax.pmap(_numbered(body) if nonfinite == "raise" else body, axis_name=axis_name,
+                  donate_argnums=0)
     return PmapStep(lambda s, b: _first_metrics(fn(s, b)), jax.local_device_count(),
-                    accum_steps, nonfinite)
+                    accum_steps, nonfinite, check_every)
 
 
 def make_pmap_eval_step(task, *, axis_name: str = "batch", policy: Policy = Policy(),

@@ -6,8 +6,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from flaxbones.scan import is_stacked
+
 # (regex on a leaf's path, PartitionSpec): the first rule whose spec fits the leaf wins,
 # anything unmatched is replicated. Paths look like "params/backbone/layer1_0/conv1/kernel".
+# Rules describe the unrolled leaf: a leaf stacked by scan (`flaxbones.scan.is_stacked`)
+# gets the spec of one block behind its unsharded leading block axis.
 Rules = Sequence[tuple[str, P]]
 
 # Fully-sharded data parallel: kernels split on their output channels over "fsdp".
@@ -56,7 +60,14 @@ def _fits(spec: P, shape, mesh: Mesh) -> bool:
 
 
 def spec_for(path: str, shape, mesh: Mesh, rules: Rules) -> P:
-    """The PartitionSpec the rules give one leaf (replicated when none fits)."""
+    """The PartitionSpec the rules give one leaf (replicated when none fits); a stacked
+    leaf's is P(None, *the spec of one block)."""
+    if is_stacked(path):
+        return P(None, *_rule_spec(path, shape[1:], mesh, rules))
+    return _rule_spec(path, shape, mesh, rules)
+
+
+def _rule_spec(path, shape, mesh, rules) -> P:
     for pattern, spec in rules:
         if re.search(pattern, path) and _fits(spec, shape, mesh):
             return spec

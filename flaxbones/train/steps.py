@@ -127,10 +127,17 @@ def eval_body(state, batch, *, task, policy=Policy(), use_ema=False, axis_name=N
 
 class Step:
     """A compiled step plus the host-side checks jit cannot give a clear message for:
-    batch divisibility, and (nonfinite='raise') a non-finite loss or gradient."""
+    batch divisibility, and (nonfinite='raise') non-finite losses or gradients.
 
-    def __init__(self, fn, num_shards, accum_steps=1, nonfinite="ignore"):
-        self.fn, self.num_shards, self.accum_steps, self.nonfinite = fn, num_shards, accum_steps, nonfinite
+    A train step in 'raise' mode never syncs the host per step: the compiled step drops a
+    non-finite update on device, and this object keeps each step's (device) flag unread
+    until `check_finite()`, which runs on the call after `check_every` unchecked steps
+    (before it dispatches, so the caller's state stays usable) and whenever the user
+    calls it, e.g. at logging steps and after the last step."""
+
+    def __init__(self, fn, num_shards, accum_steps=1, nonfinite="ignore", check_every=100):
+        self.fn, self.num_shards, self.accum_steps = fn, num_shards, accum_steps
+        self.nonfinite, self.check_every, self._pending = nonfinite, check_every, []
 
     def check(self, batch):
         size = check_batch(batch, self.num_shards)
@@ -139,49 +146,77 @@ class Step:
                              f"{self.accum_steps} micro-batches over {self.num_shards} shards")
 
     def __call__(self, state, batch):
+        if len(self._pending) >= self.check_every:
+            self.check_finite()
         self.check(batch)
-        out = self.fn(state, batch)
-        if self.nonfinite == "raise" and not bool(np.all(jax.device_get(out[1]["finite"]))):
+        if self.nonfinite != "raise":
+            return self.fn(state, batch)
+        state, (metrics, number) = self.fn(state, batch)
+        self._pending.append((number, metrics["finite"], metrics["loss_sum"]))
+        return state, metrics
+
+    def check_finite(self):
+        """Raise FloatingPointError if a step since the last check had a non-finite loss or
+        gradients (its update was not applied), naming the first; one host transfer."""
+        pending = jax.device_get(self._pending)
+        self._pending = []
+        bad = [(int(n), float(loss)) for n, finite, loss in pending if not finite]
+        if bad:
             raise FloatingPointError(
-                "non-finite loss or gradients in train step (metrics: "
-                f"loss_sum={jax.device_get(out[1]['loss_sum'])}); the step's inputs were donated, "
-                "restore from a checkpoint, or make the step with nonfinite='skip'")
-        return out
+                f"non-finite loss or gradients at train step {bad[0][0]} (loss_sum "
+                f"{bad[0][1]}); {len(bad)} of the {len(pending)} steps since the last check "
+                "were, and their updates were not applied (the state is intact). Make the step "
+                "with nonfinite='skip' to train past such steps")
 
 
-def _check_options(bn_mode, nonfinite, accum_steps):
+def _numbered(body):
+    """`body` also returning the number of the step it takes, for Step.check_finite."""
+    def fn(state, batch):
+        new, metrics = body(state, batch)
+        return new, (metrics, new.step)
+    return fn
+
+
+def _check_options(bn_mode, nonfinite, accum_steps, check_every=1):
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
 
 
 def make_train_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
                     bn_mode: str = "global", accum_steps: int = 1,
-                    nonfinite: str = "raise") -> Step:
+                    nonfinite: str = "raise", check_every: int = 100) -> Step:
     """train_step(state, batch) -> (state, metric sums), jit-compiled over `mesh`.
 
     bn_mode: "global" (statistics over the whole global batch, as SPMD jit gives),
     "frozen" (running statistics, no updates, and so no dropout either: the model runs
     with train=False), "local" (statistics per device, via shard_map, running statistics
     averaged over devices). accum_steps: gradient accumulation over k micro-batches.
-    nonfinite: "raise" (FloatingPointError after the step; syncs the host each step),
-    "skip" (the update is dropped, `skipped` metric set) or "ignore".
+    nonfinite: what a non-finite loss or gradient does. "raise": the update is dropped on
+    device and `train_step.check_finite()` raises FloatingPointError naming the step; it
+    runs by itself every `check_every` steps (the only host syncs it adds): call it at
+    logging steps and after the last step too. "skip": the update is dropped (`skipped`
+    metric set), nothing raised. "ignore": the update is applied.
     `state_sharding` is from `state_shardings(...)` or `jax.tree.map(lambda a: a.sharding, state)`.
     """
-    _check_options(bn_mode, nonfinite, accum_steps)
+    _check_options(bn_mode, nonfinite, accum_steps, check_every)
     axes = tuple(mesh.axis_names)
     body = functools.partial(train_body, task=task, policy=policy, bn_mode=bn_mode,
-                             accum_steps=accum_steps, skip_nonfinite=nonfinite == "skip")
+                             accum_steps=accum_steps, skip_nonfinite=nonfinite != "ignore")
     if bn_mode == "local":
         body = jax.shard_map(functools.partial(body, axis_name=axes, mean_batch_stats=True),
                              mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), batch_spec(mesh)),
                              out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    if nonfinite == "raise":
+        body = _numbered(body)
     fn = jax.jit(body, in_shardings=(state_sharding, NamedSharding(mesh, batch_spec(mesh))),
                  out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
-    return Step(fn, int(np.prod(list(mesh.shape.values()))), accum_steps, nonfinite)
+    return Step(fn, int(np.prod(list(mesh.shape.values()))), accum_steps, nonfinite, check_every)
 
 
 def make_eval_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
