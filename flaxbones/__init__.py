@@ -1,5 +1,6 @@
 """flaxbones: vision backbones and heads as pure Flax Linen modules."""
 from flaxbones import backbones as _backbones  # noqa: F401  (registers the families)
+from flaxbones import classifiers as _classifiers  # noqa: F401  (their classifier heads)
 from flaxbones import segmenters as _segmenters  # noqa: F401  (registers segmenters)
 from flaxbones.features import FeatureInfo
 from flaxbones.models import Classifier, Segmenter
@@ -8,7 +9,7 @@ from flaxbones.registry import (create_backbone, create_model, get_spec, list_ba
 from flaxbones.scan import scan_variables, unscan_variables
 from flaxbones.weights import load_pretrained
 
-__version__ = "0.1.0"
+from flaxbones._version import __version__  # noqa: F401  (one place; pyproject.toml reads it)
 
 __all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model",
            "get_spec", "list_backbones", "list_models", "load_pretrained", "scan_variables",

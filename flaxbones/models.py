@@ -5,18 +5,36 @@ from flaxbones.layers import resize_bilinear
 
 
 class Classifier(nn.Module):
-    """Backbone features -> classification head. Variables live under `backbone` and
-    `head`, so a classifier's backbone sub-tree drops into any other model's."""
+    """Backbone features -> classification head: {'out': logits} (the pooled features with
+    `num_classes=0`), plus the named logits of an optional `aux_head` (GoogLeNet's 'aux1'
+    and 'aux2'), the same keys in train and eval.
+
+    Variables live under `backbone`, `head` and `aux_head`, so a classifier's backbone
+    sub-tree drops into any other model's. The heads' `levels` are checked against the
+    backbone's `feature_info` at construction.
+    """
 
     backbone: nn.Module
     head: nn.Module
+    aux_head: nn.Module | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        for role, head in (("head", self.head), ("aux_head", self.aux_head)):
+            if head is not None:
+                check_levels(self.backbone, getattr(head, "levels", ()),
+                             f"{role} {type(head).__name__}")
 
     @property
     def feature_info(self):
         return self.backbone.feature_info
 
     def __call__(self, x, train: bool = False):
-        return self.head(self.backbone(x, train=train), train=train)
+        features = self.backbone(x, train=train)
+        out = {"out": self.head(features, train=train)}
+        if self.aux_head is not None:
+            out.update(self.aux_head(features, train=train))
+        return out
 
 
 class Segmenter(nn.Module):

@@ -2,41 +2,39 @@
 import dataclasses
 import difflib
 import fnmatch
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from flax import linen as nn
 
 _BACKBONES: dict[str, "ModelSpec"] = {}
 _MODELS: dict[str, "ModelSpec"] = {}
+_CLASSIFIERS: list[tuple[str, Any]] = []
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What the registry knows of a name: its builder, family, weight source and head."""
+    """What the registry knows of a name: its builder, family and weight source (for a
+    backbone, the source of its backbone keys and the normalisation its weights expect)."""
 
     name: str
     builder: Callable[..., nn.Module]
     family: str
     weights: Any = None  # a flaxbones.weights.WeightSource, or None
-    head: Callable[..., nn.Module] | None = None  # classifier head for backbones
 
 
-def register_backbone(family: str, weights=None, head=None):
-    """Decorator: register `builder` (named as the function) as a backbone and a classifier.
-
-    `head` builds the classification head for `create_model(name, num_classes=...)`;
-    the default is global average pooling, dropout and a dense layer.
-    """
+def register_backbone(family: str, weights=None):
+    """Decorator: register `builder` (named as the function) as a backbone; `create_model`
+    makes it a classifier with the head `flaxbones.classifiers` assigns to its name."""
     def wrap(builder):
-        _add(_BACKBONES, ModelSpec(builder.__name__, builder, family, weights, head))
+        _add(_BACKBONES, ModelSpec(builder.__name__, builder, family, weights))
         return builder
     return wrap
 
 
-def register_variants(family: str, variants: dict, weights=None, head=None):
+def register_variants(family: str, variants: dict, weights=None):
     """Register several backbones at once: {name: builder}, e.g. `partial(ResNet, ...)`."""
     for name, builder in variants.items():
-        _add(_BACKBONES, ModelSpec(name, builder, family, weights, head))
+        _add(_BACKBONES, ModelSpec(name, builder, family, weights))
 
 
 def register_model(family: str, weights=None):
@@ -45,6 +43,19 @@ def register_model(family: str, weights=None):
         _add(_MODELS, ModelSpec(builder.__name__, builder, family, weights))
         return builder
     return wrap
+
+
+def register_classifier(patterns: Sequence[str], preset):
+    """Give the backbones matching `patterns` (globs) a classifier preset (see
+    `flaxbones.classifiers`); the first registration matching a name wins."""
+    _CLASSIFIERS.extend((pattern, preset) for pattern in patterns)
+
+
+def classifier_preset(name: str):
+    """The classifier preset of backbone `name` (a plain pooled-dense head by default)."""
+    from flaxbones.classifiers import ClassifierPreset
+    return next((p for pattern, p in _CLASSIFIERS if fnmatch.fnmatch(name, pattern)),
+                ClassifierPreset())
 
 
 def _add(table, spec):
@@ -68,42 +79,61 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The ModelSpec of `name`; an unknown name raises a ValueError with close matches."""
+    """The ModelSpec of `name`; an unknown name raises a ValueError with close matches.
+
+    Its `weights` describe the files of `create_model(name)`: for a backbone name, the
+    reference classifier's (backbone keys plus the head keys its classifier preset adds).
+    """
     spec = _BACKBONES.get(name) or _MODELS.get(name)
     if spec is None:
         close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model name {name!r}{hint} "
                          "(fb.list_models() lists them all)")
+    if name in _BACKBONES and spec.weights is not None:
+        spec = dataclasses.replace(spec, weights=spec.weights.with_rules(
+            classifier_preset(name).rules))
     return spec
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
-    """A backbone module: `output_stride`, `out_features`, `dtype`, `param_dtype`, ..."""
+def create_backbone(name: str, /, **kwargs) -> nn.Module:
+    """A backbone module: `output_stride`, `out_features`, `dtype`, `param_dtype`, ...
+
+    Flax's `name=` and `parent=` reach the module, so it can be built inside a user's
+    own Module (in `setup` or a compact method) like any Flax layer."""
     spec = get_spec(name)
     if name not in _BACKBONES:
         raise ValueError(f"{name!r} is a full model, not a backbone; use create_model")
-    return spec.builder(**kwargs)
+    return _build(spec.builder, kwargs)
 
 
-def create_model(name: str, num_classes: int | None = None, drop_rate: float = 0.0,
-                 **kwargs) -> nn.Module:
+def create_model(name: str, /, num_classes: int | None = None, **kwargs) -> nn.Module:
     """A backbone name gives a classifier (default 1000 classes; `num_classes=0`: pooled
-    features); other registered names (segmenter presets, ...) are built by their own
-    builder, with its own default `num_classes` (21 for torchvision's segmenters)."""
+    features; `drop_rate`, and the head options of its preset, e.g. GoogLeNet's
+    `aux_logits`); other registered names (segmenter presets, ...) are built by their own
+    builder, with its own default `num_classes` (21 for torchvision's segmenters).
+    Flax's `name=` and `parent=` reach the returned module."""
     spec = get_spec(name)
     if name in _MODELS:
-        return spec.builder(**({} if num_classes is None else {"num_classes": num_classes}),
-                            **kwargs)
+        given = {} if num_classes is None else {"num_classes": num_classes}
+        return _build(spec.builder, {**given, **kwargs})
     num_classes = 1000 if num_classes is None else num_classes
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    from flaxbones.heads.classification import ClassifierHead
-    from flaxbones.models import Classifier
+    preset = classifier_preset(name)
+    return _build(lambda **kw: preset.build(spec.builder, num_classes, **kw), kwargs)
 
-    head_builder = spec.head or ClassifierHead
-    # A head may need more of the backbone than its C-levels (GoogLeNet's aux inputs).
-    backbone = spec.builder(**{**getattr(head_builder, "backbone_defaults", {}), **kwargs})
-    dtypes = {k: kwargs[k] for k in ("dtype", "param_dtype") if k in kwargs}
-    head = head_builder(num_classes=num_classes, drop_rate=drop_rate, **dtypes)
-    return Classifier(backbone=backbone, head=head)
+
+def _build(builder, kwargs) -> nn.Module:
+    """`builder(**kwargs)` with every module made outside any parent's context (else Flax
+    would adopt the parts, backbone and heads, as the caller's own children and flatten
+    their variables into the caller's), then the result attached where the caller is,
+    with the caller's `name`/`parent`."""
+    placement = {k: kwargs.pop(k) for k in ("name", "parent") if k in kwargs}
+    stack = nn.module._context.module_stack
+    stack.append(None)
+    try:
+        model = builder(**kwargs)
+    finally:
+        stack.pop()
+    return model.copy(**placement)

@@ -6,7 +6,6 @@ WeightSources mapping torchvision segmentation state dicts onto these modules.
 """
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.backbones import mobilenet_v3
@@ -21,21 +20,29 @@ from flaxbones.registry import create_backbone, get_spec, register_model
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 
-def build_backbone(backbone, output_stride: int | None, default_stride: int, dtype=jnp.float32,
-                   param_dtype=jnp.float32, axis_name=None, any_stride: bool = False,
-                   **kwargs) -> nn.Module:
-    """A backbone from a registered name (built at `output_stride`, else the head's
-    default), or a given Module (whose stride must then agree with `output_stride`).
+# What backbone and heads share: dtypes, the BN `axis_name`, the kernel choice.
+COMMON = ("dtype", "param_dtype", "axis_name", "cpu_kernels")
+
+
+def build_backbone(backbone, output_stride: int | None, default_stride: int,
+                   any_stride: bool = False, **kwargs) -> tuple[nn.Module, dict]:
+    """(backbone, the settings its heads share). The backbone comes from a registered name
+    (built at `output_stride`, else the head's default, with `kwargs`), or is a given
+    Module (whose stride must then agree with `output_stride`). The heads share the
+    backbone's dtypes, BN `axis_name` and `cpu_kernels` unless `kwargs` set them.
 
     With `any_stride` (a head that works at every stride) and no `output_stride` asked
     for, a family that cannot dilate to the default is built at its native stride 32.
     """
-    if isinstance(backbone, str):
-        extra = {"axis_name": axis_name} if axis_name is not None else {}
+    common = {k: kwargs[k] for k in COMMON if k in kwargs}
+    bb = _backbone(backbone, output_stride, default_stride, any_stride, kwargs)
+    return bb, {**{k: getattr(bb, k) for k in COMMON if hasattr(bb, k)}, **common}
 
+
+def _backbone(backbone, output_stride, default_stride, any_stride, kwargs):
+    if isinstance(backbone, str):
         def build(stride):
-            bb = create_backbone(backbone, output_stride=stride, dtype=dtype,
-                                 param_dtype=param_dtype, **extra, **kwargs)
+            bb = create_backbone(backbone, output_stride=stride, **kwargs)
             bb.feature_info  # noqa: B018  (an unsupported stride fails here at the latest)
             return bb
         if output_stride is None and any_stride:
@@ -46,9 +53,9 @@ def build_backbone(backbone, output_stride: int | None, default_stride: int, dty
         return build(output_stride or default_stride)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a registered name or a flax Module, got {backbone!r}")
-    if kwargs:
-        raise ValueError(f"backbone options {sorted(kwargs)} apply only to a backbone given "
-                         "by name")
+    options = sorted(k for k in kwargs if k not in COMMON)
+    if options:
+        raise ValueError(f"backbone options {options} apply only to a backbone given by name")
     own = getattr(backbone, "output_stride", None)
     if output_stride is not None and own is not None and own != output_stride:
         raise ValueError(f"output_stride={output_stride} disagrees with the given backbone's "
@@ -62,8 +69,7 @@ def _rates(backbone, levels, atrous_rates, who):
     return tuple(atrous_rates or atrous_rates_for(info[levels[-1]].stride))
 
 
-def _common(dtype, param_dtype, axis_name):
-    return dict(dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+
 
 
 def _aux(aux_loss, aux_level, num_classes, common):
@@ -73,14 +79,11 @@ def _aux(aux_loss, aux_level, num_classes, common):
 @register_model("segmenter")
 def deeplabv3(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
               style: str = "torchvision", atrous_rates: Sequence[int] | None = None,
-              aux_loss: bool = False, aux_level: str = "C4", dtype: Any = jnp.float32,
-              param_dtype: Any = jnp.float32, axis_name: str | None = None,
-              head_kwargs: dict | None = None, **backbone_kwargs):
+              aux_loss: bool = False, aux_level: str = "C4", head_kwargs: dict | None = None, **backbone_kwargs):
     """DeepLabv3 on C5 (default output stride 16; rates from the stride, or `atrous_rates`);
     `style` 'torchvision' or 'tf'; `aux_loss` adds torchvision's FCN head on `aux_level`;
     `head_kwargs` override the style's head settings (e.g. bn_momentum, dropout)."""
-    common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
+    bb, common = build_backbone(backbone, output_stride, 16, **backbone_kwargs)
     rates = _rates(bb, ("C5",), atrous_rates, "DeepLabV3Head")
     settings = {**deeplab_style(style), **(head_kwargs or {})}
     head = DeepLabV3Head(num_classes, atrous_rates=rates, **settings, **common)
@@ -91,14 +94,12 @@ def deeplabv3(backbone: Any = "resnet50", num_classes: int = 21, output_stride: 
 def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
                   output_stride: int | None = None, style: str = "torchvision",
                   atrous_rates: Sequence[int] | None = None, low_level: str = "C2",
-                  feature: str = "C5", dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                  axis_name: str | None = None, head_kwargs: dict | None = None,
+                  feature: str = "C5", head_kwargs: dict | None = None,
                   **backbone_kwargs):
     """DeepLabv3+: ASPP on `feature` (C5; default output stride 16) and a decoder over
     `low_level` (C2); `head_kwargs` override the style's head settings (e.g. bn_momentum,
     dropout)."""
-    common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 16, **common, **backbone_kwargs)
+    bb, common = build_backbone(backbone, output_stride, 16, **backbone_kwargs)
     rates = _rates(bb, (low_level, feature), atrous_rates, "DeepLabV3PlusHead")
     settings = {**deeplab_style(style, plus=True), **(head_kwargs or {})}
     head = DeepLabV3PlusHead(num_classes, feature=feature, low_level=low_level,
@@ -108,12 +109,10 @@ def deeplabv3plus(backbone: Any = "resnet101", num_classes: int = 21,
 
 @register_model("segmenter")
 def fcn(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
-        aux_loss: bool = False, aux_level: str = "C4", dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+        aux_loss: bool = False, aux_level: str = "C4", **backbone_kwargs):
     """torchvision's FCN: FCNHead on C5 (default output stride 8, or 32 for a family that
     cannot dilate), optional aux head."""
-    common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 8, any_stride=True, **common, **backbone_kwargs)
+    bb, common = build_backbone(backbone, output_stride, 8, any_stride=True, **backbone_kwargs)
     return Segmenter(bb, FCNHead(num_classes, **common),
                      _aux(aux_loss, aux_level, num_classes, common))
 
@@ -121,34 +120,28 @@ def fcn(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | 
 @register_model("segmenter")
 def lraspp(backbone: Any = "mobilenet_v3_large", num_classes: int = 21,
            output_stride: int | None = None, low: str = "C3", high: str = "C5",
-           inter_channels: int = 128, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-           axis_name: str | None = None, **backbone_kwargs):
+           inter_channels: int = 128, **backbone_kwargs):
     """Lite R-ASPP over `low` and `high` levels (default output stride 16, or 32 for a
     family that cannot dilate)."""
-    common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 16, any_stride=True, **common, **backbone_kwargs)
+    bb, common = build_backbone(backbone, output_stride, 16, any_stride=True, **backbone_kwargs)
     return Segmenter(bb, LRASPPHead(num_classes, low=low, high=high,
                                     inter_channels=inter_channels, **common))
 
 
 @register_model("segmenter")
 def fpn(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
-        fpn_channels: int = 256, channels: int = 128, dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+        fpn_channels: int = 256, channels: int = 128, **backbone_kwargs):
     """Semantic FPN (Panoptic FPN's semantic branch) over C2..C5, output stride 32."""
-    common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 32, **common, **backbone_kwargs)
+    bb, common = build_backbone(backbone, output_stride, 32, **backbone_kwargs)
     return Segmenter(bb, SemanticFPNHead(num_classes, fpn_channels=fpn_channels,
                                          channels=channels, **common))
 
 
 @register_model("segmenter")
 def unet(backbone: Any = "resnet50", num_classes: int = 21, output_stride: int | None = None,
-         decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), dtype: Any = jnp.float32,
-         param_dtype: Any = jnp.float32, axis_name: str | None = None, **backbone_kwargs):
+         decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), **backbone_kwargs):
     """U-Net decoder over C1..C5, output stride 32."""
-    common = _common(dtype, param_dtype, axis_name)
-    bb = build_backbone(backbone, output_stride, 32, **common, **backbone_kwargs)
+    bb, common = build_backbone(backbone, output_stride, 32, **backbone_kwargs)
     return Segmenter(bb, UNetHead(num_classes, decoder_channels=tuple(decoder_channels), **common))
 
 
@@ -160,25 +153,7 @@ def backbone_rules(name: str, prefix: str = r"backbone\.") -> tuple:
                  if template.startswith("backbone/"))
 
 
-def _fcn_rules(torch: str, flax: str) -> tuple:
-    """torchvision's FCNHead (Conv, BN, ReLU, Dropout, Conv) under `torch` -> `flax`."""
-    return ((rf"{torch}\.0", f"{flax}/conv/conv"), (rf"{torch}\.1", f"{flax}/conv/bn"),
-            (rf"{torch}\.4", f"{flax}/classifier"))
-
-
-_DEEPLAB_RULES = (  # DeepLabHead: ASPP, Conv, BN, ReLU, Conv; ASPP's convs.4 is the pooling
-    (r"classifier\.0\.convs\.4\.1", "head/aspp/pool/conv"),
-    (r"classifier\.0\.convs\.4\.2", "head/aspp/pool/bn"),
-    (r"classifier\.0\.convs\.(\d)\.0", r"head/aspp/convs_\1/conv"),
-    (r"classifier\.0\.convs\.(\d)\.1", r"head/aspp/convs_\1/bn"),
-    (r"classifier\.0\.project\.0", "head/aspp/project/conv"),
-    (r"classifier\.0\.project\.1", "head/aspp/project/bn"),
-    (r"classifier\.1", "head/conv/conv"), (r"classifier\.2", "head/conv/bn"),
-    (r"classifier\.4", "head/classifier"))
-_LRASPP_RULES = (
-    (r"classifier\.cbr\.0", "head/cbr/conv"), (r"classifier\.cbr\.1", "head/cbr/bn"),
-    (r"classifier\.scale\.1", "head/scale"),
-    (r"classifier\.(low|high)_classifier", r"head/\1_classifier"))
+_AUX_FCN = FCNHead.torch_rules("aux_classifier", "aux_head")
 _CLASSIFIERS = ("head/classifier", "aux_head/classifier")
 
 
@@ -192,7 +167,6 @@ def _register_resnet_presets(depth: int):
     """torchvision's fcn_resnet{depth} and deeplabv3_resnet{depth}: output stride 8, rates
     12/24/36, optional aux FCN head on C4."""
     bb = f"resnet{depth}"
-    aux_rules = _fcn_rules("aux_classifier", "aux_head")
 
     def fcn_preset(num_classes: int = 21, aux_loss: bool = False, output_stride: int = 8,
                    **kwargs):
@@ -203,11 +177,11 @@ def _register_resnet_presets(depth: int):
         return deeplabv3(bb, num_classes, output_stride, atrous_rates=atrous_rates,
                          aux_loss=aux_loss, **kwargs)
 
-    for preset, name, head_rules in ((fcn_preset, "fcn", _fcn_rules("classifier", "head")),
-                                     (deeplab_preset, "deeplabv3", _DEEPLAB_RULES)):
+    for preset, name, head_rules in ((fcn_preset, "fcn", FCNHead.torch_rules()),
+                                     (deeplab_preset, "deeplabv3", DeepLabV3Head.torch_rules())):
         preset.__name__ = f"{name}_{bb}"
         preset.__doc__ = f"torchvision's {name}_{bb}: output stride 8, aux FCN head on C4."
-        source = torchvision_source(backbone_rules(bb), head_rules + aux_rules)
+        source = torchvision_source(backbone_rules(bb), head_rules + _AUX_FCN)
         register_model("segmenter", source)(preset)
 
 
@@ -228,7 +202,7 @@ _MBV3_BACKBONE = mobilenet_v3.torch_rules(mobilenet_v3.LARGE, src="backbone")
 
 
 @register_model("segmenter", torchvision_source(
-    _MBV3_BACKBONE, _DEEPLAB_RULES + _fcn_rules("aux_classifier", "aux_head")))
+    _MBV3_BACKBONE, DeepLabV3Head.torch_rules() + _AUX_FCN))
 def deeplabv3_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False,
                                  output_stride: int = 16, atrous_rates=(12, 24, 36), **kwargs):
     """torchvision's deeplabv3_mobilenet_v3_large: output stride 16 (dilated last stage),
@@ -239,7 +213,7 @@ def deeplabv3_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False,
 
 
 @register_model("segmenter", torchvision_source(
-    _MBV3_BACKBONE, _LRASPP_RULES, ("head/low_classifier", "head/high_classifier")))
+    _MBV3_BACKBONE, LRASPPHead.torch_rules(), ("head/low_classifier", "head/high_classifier")))
 def lraspp_mobilenet_v3_large(num_classes: int = 21, output_stride: int = 16, **kwargs):
     """torchvision's lraspp_mobilenet_v3_large: output stride 16, low = `features_4`."""
     return lraspp("mobilenet_v3_large", num_classes, output_stride, low=_MBV3_TAP, high="C5",

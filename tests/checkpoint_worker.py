@@ -37,7 +37,9 @@ from flaxbones.backbones.resnet import BasicBlock, ResNet  # noqa: E402
 from flaxbones.heads import ClassifierHead  # noqa: E402
 from flaxbones.train.checkpoint import Checkpoints, PreemptionGuard, abstract_state_like  # noqa: E402
 
-MODEL = fb.Classifier(ResNet(block=BasicBlock, layers=(1, 1, 1, 1)),
+# cpu_kernels given: resolving the default would start JAX's backend before
+# jax.distributed.initialize, which must come first.
+MODEL = fb.Classifier(ResNet(block=BasicBlock, layers=(1, 1, 1, 1), cpu_kernels=True),
                       ClassifierHead(num_classes=4, drop_rate=0.2))
 TX = optax.sgd(0.05, momentum=0.9)
 BATCH, SIZE = 8, 32
@@ -69,9 +71,9 @@ def train_step(state, images, labels):
     rng, dropout = jax.random.split(state.rng)
 
     def loss_fn(params):
-        logits, updates = MODEL.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                      train=True, mutable=["batch_stats"], rngs={"dropout": dropout})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+        out, updates = MODEL.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": dropout})
+        return optax.softmax_cross_entropy_with_integer_labels(out["out"], labels).mean(), updates
 
     grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
     deltas, opt_state = TX.update(grads, state.opt_state, state.params)

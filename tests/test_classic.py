@@ -35,7 +35,7 @@ def _vgg_taps(tm):
 
 def _googlenet_taps(tm):
     return {"C1": tm.conv1, "C2": tm.conv3, "C3": tm.inception3b, "C4": tm.inception4e,
-            "C5": tm.inception5b, "aux1": tm.inception4a, "aux2": tm.inception4d}
+            "C5": tm.inception5b, "inception4a": tm.inception4a, "inception4d": tm.inception4d}
 
 
 def _alexnet_taps(tm):
@@ -87,7 +87,8 @@ def test_parity(name, tmp_path):
     """Eval (and for BN models train) parity: logits, every feature level, running stats.
 
     GoogLeNet runs eval with transform_input=True and train with it off, so both paths
-    are covered by one set of weights; train mode compares the aux logits too.
+    are covered by one set of weights; train mode compares the aux logits too (torchvision
+    returns them only in training; flaxbones in both modes).
     """
     build, taps = REFERENCES[name]
     torch.manual_seed(0)
@@ -103,13 +104,13 @@ def test_parity(name, tmp_path):
         out, feats, state = _flax_forward(fb.create_model(name, **kwargs), variables, IMAGES,
                                           train, mutable)
         mode = "train" if train else "eval"
+        assert sorted(out) == (["aux1", "aux2", "out"] if name == "googlenet" else ["out"])
         if isinstance(ref, tuple):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
-            assert sorted(out) == ["aux1", "aux2", "out"]
             errors[f"{mode} logits"] = torch_ref.assert_close(out["out"], ref.logits)
             errors[f"{mode} aux1"] = torch_ref.assert_close(out["aux1"], ref.aux_logits1)
             errors[f"{mode} aux2"] = torch_ref.assert_close(out["aux2"], ref.aux_logits2)
         else:
-            errors[f"{mode} logits"] = torch_ref.assert_close(out, ref, what=f"{name} {mode}")
+            errors[f"{mode} logits"] = torch_ref.assert_close(out["out"], ref, what=f"{name} {mode}")
         for k, e in _compare_features(feats, ref_feats, f"{name} {mode}").items():
             errors[f"{mode} {k}"] = e
         if train:
@@ -185,11 +186,11 @@ def test_googlenet_without_aux_counts_and_loads(tmp_path):
     model = fb.create_model("googlenet", aux_logits=False)
     shapes = jax.eval_shape(partial(model.init, train=False), jax.random.PRNGKey(0), IMAGES[:1])
     assert _n_params(shapes["params"]) == _torch_params("googlenet", aux_logits=False)
-    assert "aux1" not in shapes["params"]["head"]
+    assert "aux_head" not in shapes["params"]
     tm = torchvision.models.googlenet(aux_logits=False, init_weights=False)
     path = torch_ref.save_state(tm, tmp_path / "googlenet_noaux.safetensors")
     fb.load_pretrained("googlenet", path, aux_logits=False)
-    with pytest.raises(ValueError, match="head/aux1"):
+    with pytest.raises(ValueError, match="aux_head/aux1"):
         fb.load_pretrained("googlenet", path)
 
 
@@ -199,7 +200,7 @@ def test_num_classes_zero_returns_features(name, num_features):
     model = fb.create_model(name, num_classes=0)
     out, _ = jax.eval_shape(partial(model.init_with_output, train=False),
                             jax.random.PRNGKey(0), IMAGES)
-    assert out.shape == (2, num_features)
+    assert out["out"].shape == (2, num_features)
 
 
 @pytest.mark.parametrize("name,output_stride",
@@ -217,21 +218,27 @@ def test_feature_info_matches_shapes(name, output_stride):
             assert size // i.stride - 1 <= got <= -(-size // i.stride), (i, out[i.name].shape)
 
 
-def test_googlenet_aux_taps_only_when_asked():
+def test_googlenet_aux_inputs_are_declared_levels():
+    """The aux classifiers read named Inception blocks, which the classifier asks its
+    backbone for; a backbone that cannot give them fails at construction."""
     assert [i.name for i in fb.create_backbone("googlenet").feature_info] == \
         ["C1", "C2", "C3", "C4", "C5"]
     model = fb.create_model("googlenet")
-    assert [i.name for i in model.feature_info][-2:] == ["aux1", "aux2"]
+    assert model.aux_head.levels == ("inception4a", "inception4d")
+    assert [i.name for i in model.feature_info][-2:] == ["inception4a", "inception4d"]
+    assert fb.create_backbone("googlenet", out_features=("inception4a",)).feature_info == (
+        fb.FeatureInfo("inception4a", 16, 512),)
+    with pytest.raises(ValueError, match="missing .*inception4a"):
+        fb.create_model("googlenet", out_features=("C5",))
 
 
 @pytest.mark.parametrize("name,output_stride", [("googlenet", 16), ("googlenet", 8),
                                                 ("alexnet", 16), ("vgg16", 4), ("vgg11_bn", 64)])
 def test_unsupported_output_stride(name, output_stride):
+    with pytest.raises(ValueError, match=f"output_stride={output_stride} is not supported"):
+        fb.create_backbone(name, output_stride=output_stride)
     with pytest.raises(ValueError, match="output_stride"):
-        fb.create_backbone(name, output_stride=output_stride).feature_info
-    model = fb.create_model(name, output_stride=output_stride)
-    with pytest.raises(ValueError, match="output_stride"):
-        jax.eval_shape(partial(model.init, train=False), jax.random.PRNGKey(0), IMAGES)
+        fb.create_model(name, output_stride=output_stride)
 
 
 @pytest.mark.parametrize("name,size", [("vgg11", 31), ("alexnet", 62), ("googlenet", 14)])
@@ -262,5 +269,5 @@ def test_dtype_policy_is_threaded(name):
     clf = fb.create_model(name, num_classes=10, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     out, variables = jax.eval_shape(partial(clf.init_with_output, train=False),
                                     jax.random.PRNGKey(0), IMAGES)
-    assert out.dtype == jnp.bfloat16
+    assert {o.dtype for o in out.values()} == {jnp.dtype(jnp.bfloat16)}
     assert {p.dtype for p in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}

@@ -16,7 +16,6 @@ from flaxbones.heads import (FPN, DeepLabV3Head, DeepLabV3PlusHead, FCNHead, LRA
                              SemanticFPNHead, UNetHead, deeplab_style)
 from flaxbones.heads.fpn import TORCHVISION_FPN_RULES
 from flaxbones.layers import resize_bilinear, resize_nearest
-from flaxbones.segmenters import _LRASPP_RULES
 from flaxbones.weights import convert_state_dict
 import torch_ref
 
@@ -80,7 +79,7 @@ def test_lraspp_head_matches_torchvision():
     high = rng.standard_normal((2, 7, 9, 24)).astype(np.float32)
     head = LRASPPHead(5, inter_channels=16)
     feats = {"C3": jnp.asarray(low), "C5": jnp.asarray(high)}
-    variables = _load(ref, "classifier", _LRASPP_RULES, head, (feats,))
+    variables = _load(ref, "classifier", LRASPPHead.torch_rules(), head, (feats,))
     with torch.no_grad():
         want = ref({"low": _nchw(low), "high": _nchw(high)}).numpy().transpose(0, 2, 3, 1)
     rel = torch_ref.assert_close(head.apply(variables, feats), want, what="lraspp head")

@@ -1,5 +1,8 @@
 """layers.Conv's CPU rewrites (depthwise as shifted sums, pointwise as a matmul, tiny
-outputs as im2col) give lax.conv_general_dilated's outputs and gradients."""
+outputs as im2col) give lax.conv_general_dilated's outputs and gradients, and run only
+when a model chose them."""
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,9 @@ import pytest
 from jax import lax
 
 from flaxbones.layers import cpu_conv
-from flaxbones.layers.cpu_conv import conv_general_dilated
+from flaxbones.layers.cpu_conv import conv_general_dilated as any_conv
+
+conv_general_dilated = partial(any_conv, cpu=True)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 CASES = [  # (kernel, in, out, groups, stride, padding, dilation, input size)
@@ -62,6 +67,8 @@ def test_cpu_conv_rewrites_are_taken_and_keep_bf16(k, groups, size, rewrite, mon
                              feature_group_count=groups)
     assert calls == ([rewrite] if rewrite else [])
     assert y.dtype == jnp.bfloat16
+    any_conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=groups)
+    assert calls == ([rewrite] if rewrite else []), "a rewrite ran without cpu=True"
 
 
 @pytest.mark.parametrize("window,stride,padding,ceil_mode", [(3, 2, 1, False), (3, 2, 0, True),
@@ -73,14 +80,17 @@ def test_max_pool_matches_torch_including_gradients_at_ties(window, stride, padd
     rng = np.random.default_rng(1)
     x = np.round(rng.uniform(-1, 1, (2, 9, 12, 3)) * 2).astype(np.float32) / 2  # many ties
     g = rng.normal(size=(1,)).astype(np.float32)
-    y, vjp = jax.vjp(lambda a: max_pool(a, window, stride, padding, ceil_mode), jnp.asarray(x))
-    cot = rng.normal(size=y.shape).astype(np.float32) + g
-    (dx,) = vjp(jnp.asarray(cot))
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
     yt = torch.nn.functional.max_pool2d(xt, window, stride, padding, ceil_mode=ceil_mode)
+    cot = rng.normal(size=yt.shape).astype(np.float32).transpose(0, 2, 3, 1) + g
     yt.backward(torch.from_numpy(cot.transpose(0, 3, 1, 2).copy()))
-    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    for cpu in (True, False):
+        y, vjp = jax.vjp(lambda a: max_pool(a, window, stride, padding, ceil_mode, cpu=cpu),
+                         jnp.asarray(x))
+        (dx,) = vjp(jnp.asarray(cot))
+        np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+        np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1),
+                                   atol=1e-6)
 
 
 def test_depthwise_backward_keeps_its_input_not_the_shifted_windows():

@@ -60,7 +60,7 @@ def apply_with_features(model, variables, x, train=False):
     out, state = jax.jit(lambda v, x: model.apply(
         v, x, train=train, capture_intermediates=lambda m, _: m.name == "backbone",
         mutable=mutable))(variables, x)
-    return out, state["intermediates"]["backbone"]["__call__"][0], state.get("batch_stats")
+    return out["out"], state["intermediates"]["backbone"]["__call__"][0], state.get("batch_stats")
 
 
 def check_parity(name, ref, tmp_path, train=False, **kwargs):
@@ -173,13 +173,13 @@ def test_unit_taps_and_pooled_classifiers():
     for name, width in (("mobilenet_v1", 1024), ("mobilenet_v2_140", 1792), ("mobilenet_v3_small", 576)):
         clf = fb.create_model(name, num_classes=0)
         pooled, _ = jax.eval_shape(lambda: clf.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-        assert pooled.shape == (1, width)
+        assert pooled["out"].shape == (1, width)
 
 
 def test_dtype_policy_is_threaded():
     clf = fb.create_model("mobilenet_v3_small", num_classes=10, dtype=jnp.bfloat16)
     out, variables = jax.eval_shape(lambda: clf.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-    assert out.dtype == jnp.bfloat16
+    assert out["out"].dtype == jnp.bfloat16
     assert {p.dtype for p in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
 
 
@@ -190,9 +190,8 @@ def test_dtype_policy_is_threaded():
     (dict(out_features=("features_99",)), "features_99"),
 ])
 def test_bad_construction_is_a_clear_error(name, kwargs, message):
-    bb = fb.create_backbone(name, **kwargs)
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(bb.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+        fb.create_backbone(name, **kwargs)
 
 
 def test_bad_images_are_a_clear_error():

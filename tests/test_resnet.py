@@ -31,7 +31,7 @@ def apply_with_features(model, variables, x, train=False):
     out, state = jax.jit(lambda v, x: model.apply(
         v, x, train=train, capture_intermediates=lambda m, _: m.name == "backbone",
         mutable=mutable))(variables, x)
-    return out, state["intermediates"]["backbone"]["__call__"][0], state.get("batch_stats")
+    return out["out"], state["intermediates"]["backbone"]["__call__"][0], state.get("batch_stats")
 
 
 def load_from_torch(name, torch_model, tmp_path, suffix=".safetensors", **kwargs):
@@ -137,26 +137,30 @@ def test_out_features_and_pooled_classifier():
     assert set(out) == {"C2", "C5"}
     clf = fb.create_model("resnet50", num_classes=0)
     pooled, _ = jax.eval_shape(lambda: clf.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-    assert pooled.shape == (1, 2048)
+    assert pooled["out"].shape == (1, 2048)
 
 
 def test_dtype_policy_is_threaded():
     clf = fb.create_model("resnet18", num_classes=10, dtype=jnp.bfloat16, param_dtype=jnp.float32)
     out, variables = jax.eval_shape(lambda: clf.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-    assert out.dtype == jnp.bfloat16
+    assert out["out"].dtype == jnp.bfloat16
     assert {p.dtype for p in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(output_stride=4), "output_stride=4 is not supported"),
-    (dict(output_stride=64), "output_stride=64 is not supported"),
-    (dict(out_features=("C6",)), "C6"),
-    (dict(multi_grid=(1, 2)), "multi_grid"),
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("resnet50", dict(output_stride=4), "output_stride=4 is not supported by ResNet"),
+    ("resnet50", dict(output_stride=64), "output_stride=64"),
+    ("resnet50", dict(out_features=("C6",)), "C6"),
+    ("resnet50", dict(out_features=()), "out_features is empty"),
+    ("resnet50", dict(multi_grid=(1, 2)), r"multi_grid \(1, 2\) needs one rate per unit .*\(3\)"),
+    ("xception65", dict(multi_grid=(1, 2)), r"needs one rate per unit .*\(3\)"),
+    ("mobilenet_v2", dict(multi_grid=(1, 2, 4)), "MobileNetV2 does not support multi_grid"),
+    ("alexnet", dict(output_stride=16), "output_stride=16 is not supported by AlexNet"),
 ])
-def test_bad_construction_is_a_clear_error(kwargs, message):
-    bb = fb.create_backbone("resnet50", **kwargs)
+def test_bad_construction_fails_at_construction(name, kwargs, message):
+    """Every family validates its options in one place, when the module is created."""
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(bb.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+        fb.create_backbone(name, **kwargs)
 
 
 @pytest.mark.parametrize("shape,dtype,message", [

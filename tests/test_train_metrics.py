@@ -71,11 +71,10 @@ def test_segmentation_metrics_match_numpy(seg_sums):
     assert int(parts[0]["confusion"].sum()) == int(parts[0]["count"])
 
 
-def test_segmentation_loss_accepts_plain_logits_and_checks_shapes():
+def test_segmentation_loss_checks_shapes():
     outputs, batch = seg_batch(2)
-    s_dict, n = train.segmentation_cross_entropy(outputs, batch["segmentation"], aux_weight=0.0)
-    s_plain, _ = train.segmentation_cross_entropy(outputs["out"], batch["segmentation"])
-    assert float(s_dict) == pytest.approx(float(s_plain)) and float(n) > 0
+    _, n = train.segmentation_cross_entropy(outputs["out"], batch["segmentation"])
+    assert float(n) == np.sum(batch["segmentation"] != 255)
     with pytest.raises(ValueError, match="do not match labels"):
         train.segmentation_cross_entropy(outputs["out"][:, :4], batch["segmentation"])
 
@@ -120,7 +119,74 @@ def test_confusion_matrix_accumulated_inside_the_train_step():
                                  jax.tree.map(lambda a: a.sharding, state))
     _, metrics = step(state, batch)
     valid = (batch["segmentation"] != 255) & (batch["valid"][:, None, None] > 0)
-    ref = np.zeros((4, 4), np.int64)
+    ref = np.zeros((4, 5), np.int64)  # last column: no valid prediction (none here)
     np.add.at(ref, (batch["segmentation"][valid], preds[valid]), 1)
     np.testing.assert_array_equal(np.asarray(metrics["confusion"]), ref)
     assert int(metrics["count"]) == valid.sum()
+
+
+def numpy_topk(logits, labels, k):
+    """Within top-k: no NaN in the row, a finite label logit, and fewer than k other classes
+    with a logit >= it (ties count against)."""
+    out = []
+    for row, label in zip(logits, labels):
+        others = np.delete(row, label)
+        out.append(not np.isnan(row).any() and np.isfinite(row[label])
+                   and np.sum(others >= row[label]) < k)
+    return np.array(out)
+
+
+def awkward_logits():
+    """Rows: normal, all NaN, one NaN, label +inf, label -inf, another class +inf, the label
+    tied for first, all equal, a second class tied at the label's rank 3."""
+    rs = np.random.RandomState(1)
+    logits = rs.randn(9, 6).astype(np.float32)
+    labels = np.array([2, 0, 1, 3, 4, 5, 0, 1, 2], np.int32)
+    logits[0, 2] = 3.0
+    logits[1] = np.nan
+    logits[2, 4] = np.nan
+    logits[3, 3] = np.inf
+    logits[4, 4] = -np.inf
+    logits[5, 0] = np.inf
+    logits[6, 0] = logits[6, 3] = logits[6].max() + 1
+    logits[7] = 0.5
+    logits[8] = [5, 4, 3, 3, 1, 0]
+    return logits, labels
+
+
+def test_topk_counts_nan_inf_and_ties_as_wrong():
+    logits, labels = awkward_logits()
+    got = jax.jit(train.topk_correct, static_argnums=2)(logits, labels, (1, 2, 3, 4))
+    for k in (1, 2, 3, 4):
+        ref = numpy_topk(logits, labels, k)
+        assert float(got[f"top{k}"]) == ref.sum(), (k, ref)
+    assert not numpy_topk(logits, labels, 6)[[1, 2, 3, 4]].any()  # never right, whatever k
+
+
+def test_predictions_and_confusion_count_nonfinite_logits_as_misses():
+    rs = np.random.RandomState(2)
+    c = 4
+    logits = rs.randn(2, 5, 6, c).astype(np.float32)
+    labels = rs.randint(0, c, (2, 5, 6)).astype(np.int32)
+    logits[0, 0, :3] = np.nan
+    logits[0, 1, :2, 1] = np.inf
+    logits[1, 2, :4] = -np.inf
+    weights = (rs.rand(2, 5, 6) > 0.1).astype(np.float32)
+    preds = np.asarray(train.predictions(jnp.asarray(logits)))
+    bad = ~np.isfinite(logits).all(-1)
+    assert preds.dtype == np.int32 and bad.sum() == 9
+    np.testing.assert_array_equal(preds, np.where(bad, -1, logits.argmax(-1)))
+    cm = jax.jit(train.confusion_matrix, static_argnums=2)(preds, labels, c, weights)
+    got = train.segmentation_scores(cm)
+    valid = weights > 0
+    p, lab = preds[valid], labels[valid]
+    assert int(np.asarray(cm).sum()) == valid.sum()
+    ious = [np.sum((p == k) & (lab == k)) / np.sum((p == k) | (lab == k)) for k in range(c)]
+    np.testing.assert_allclose(got["iou"], ious, rtol=1e-6)
+    assert got["miou"] == pytest.approx(np.mean(ious))
+    assert got["pixel_accuracy"] == pytest.approx(np.mean(p == lab))
+    # all pixels diverged: nothing is right, no class is predicted
+    nan_cm = train.confusion_matrix(train.predictions(jnp.full((2, 3, 3, c), jnp.nan)),
+                                    jnp.zeros((2, 3, 3), jnp.int32), c, jnp.ones((2, 3, 3)))
+    scores = train.segmentation_scores(nan_cm)
+    assert scores["pixel_accuracy"] == 0 and scores["miou"] == 0 and scores["iou"][0] == 0

@@ -56,7 +56,7 @@ def flax_fn(name, output_stride=32, train=False):
     def fn(variables, x):
         out, state = model.apply(variables, x, train=train, mutable=mutable,
                                  capture_intermediates=lambda m, _: m.name == "backbone")
-        return out, state["intermediates"]["backbone"]["__call__"][0], state.get("batch_stats")
+        return out["out"], state["intermediates"]["backbone"]["__call__"][0], state.get("batch_stats")
     return jax.jit(fn)
 
 
@@ -175,7 +175,7 @@ def test_legacy_xception_rejects_other_output_strides(output_stride):
 def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="output_stride=4 is not supported"):
         fb.create_backbone("xception65", output_stride=4)
-    with pytest.raises(ValueError, match="multi_grid needs one rate"):
+    with pytest.raises(ValueError, match="multi_grid .* needs one rate"):
         fb.create_backbone("xception71", multi_grid=(1, 2))
     bb = fb.create_backbone("xception")
     init = functools.partial(bb.init, jax.random.PRNGKey(0))

@@ -85,7 +85,6 @@ TIMM_MOBILENET_V1 = WeightSource(
         (r"blocks\.(\d+)\.(\d+)\.bn1", r"backbone/blocks_\1_\2/dw/bn"),
         (r"blocks\.(\d+)\.(\d+)\.conv_pw", r"backbone/blocks_\1_\2/pw/conv"),
         (r"blocks\.(\d+)\.(\d+)\.bn2", r"backbone/blocks_\1_\2/pw/bn"),
-        (r"classifier", r"head/fc"),
     ),
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # timm's ra4 weights: inception normalisation
 )

@@ -85,12 +85,10 @@ TORCH_MOBILENET_V2 = WeightSource(
         (r"features\.(\d+)\.conv\.1\.1", r"backbone/features_\1/dw/bn"),
         (r"features\.(\d+)\.conv\.2", r"backbone/features_\1/project/conv"),
         (r"features\.(\d+)\.conv\.3", r"backbone/features_\1/project/bn"),
-        (r"classifier\.1", r"head/fc"),
     ),
     **TORCH_IMAGENET,
 )
 
-# torchvision's classifier is Dropout(0.2) + Linear: the default head with drop_rate=0.2.
 register_variants("mobilenet_v2", weights=TORCH_MOBILENET_V2, variants={
     "mobilenet_v2_050": partial(MobileNetV2, width_mult=0.5),
     "mobilenet_v2_075": partial(MobileNetV2, width_mult=0.75),

@@ -2,15 +2,13 @@
 inverted residuals, `features.n+1` the 1x1 conv to 6x the last width; flax modules are
 named `features_N`, so torchvision keys (also those of its segmentation models) map by index."""
 from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import (ConvNormAct, InvertedResidual, SqueezeExcite,
-                              global_avg_pool, make_divisible)
+from flaxbones.layers import ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -79,30 +77,6 @@ class MobileNetV3(Backbone):
         return {name: outputs[i] for name, (i, _) in taps.items()}
 
 
-class MobileNetV3Head(nn.Module):
-    """torchvision's classifier: pool C5 -> Linear `hidden` -> hard-swish -> dropout -> `fc`.
-
-    `num_classes=0` returns the pooled C5 features.
-    """
-
-    num_classes: int
-    drop_rate: float = 0.0
-    hidden_channels: int = 1280
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: dict, train: bool = False):
-        x = global_avg_pool(features["C5"])
-        if self.num_classes == 0:
-            return x
-        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=nn.initializers.normal(0.01))
-        x = nn.hard_swish(dense(self.hidden_channels, name="hidden")(x))
-        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        return dense(self.num_classes, name="fc")(x)
-
-
 def torch_rules(blocks=LARGE, src: str = r"features", dst: str = "backbone/"):
     """Key rules from torchvision's `{src}.N.block.K.*` onto flax `{dst}features_N/<part>`.
 
@@ -125,15 +99,6 @@ def torch_rules(blocks=LARGE, src: str = r"features", dst: str = "backbone/"):
     return tuple(rules)
 
 
-def _source(blocks):
-    head = ((r"classifier\.0", "head/hidden"), (r"classifier\.3", "head/fc"))
-    return WeightSource("torchvision", rules=torch_rules(blocks) + head, **TORCH_IMAGENET)
-
-
-# torchvision's classifier drops with p=0.2 in training: pass drop_rate=0.2 to match it.
-register_variants("mobilenet_v3", weights=_source(LARGE),
-                  head=partial(MobileNetV3Head, hidden_channels=1280),
-                  variants={"mobilenet_v3_large": partial(MobileNetV3, blocks=LARGE)})
-register_variants("mobilenet_v3", weights=_source(SMALL),
-                  head=partial(MobileNetV3Head, hidden_channels=1024),
-                  variants={"mobilenet_v3_small": partial(MobileNetV3, blocks=SMALL)})
+for _name, _blocks in (("mobilenet_v3_large", LARGE), ("mobilenet_v3_small", SMALL)):
+    register_variants("mobilenet_v3", variants={_name: partial(MobileNetV3, blocks=_blocks)},
+                      weights=WeightSource("torchvision", torch_rules(_blocks), **TORCH_IMAGENET))

@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.layers import BatchNorm, Conv, ModuleDef, loop_conv, max_pool, torch_padding
+from flaxbones.layers import BatchNorm, Conv, ModuleDef, loop_conv, torch_padding
 from flaxbones.registry import register_variants
 from flaxbones.scan import scan_repeat
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
@@ -90,8 +90,11 @@ class ResNet(Backbone):
     layers: Sequence[int]
     groups: int = 1
     width_per_group: int = 64
-    multi_grid: Sequence[int] | None = None
     scan_blocks: bool = option(False)
+
+    @nn.nowrap
+    def multi_grid_units(self) -> int:
+        return self.layers[-1]
 
     @nn.nowrap
     def scan_groups(self) -> dict[str, list[str]]:
@@ -117,14 +120,11 @@ class ResNet(Backbone):
     def __call__(self, x, train: bool = False):
         check_images(x)
         info = self.feature_info
-        if self.multi_grid is not None and len(self.multi_grid) != self.layers[-1]:
-            raise ValueError(f"multi_grid {tuple(self.multi_grid)} needs one entry per block "
-                             f"of the last stage ({self.layers[-1]})")
         conv = self.conv_def()
         norm = self.norm_def(train)
         x = conv(64, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
         feats = {"C1": nn.relu(norm(name="bn1")(x))}
-        x = max_pool(feats["C1"], 3, 2, padding=1)
+        x = self.pool_def()(feats["C1"], 3, 2, padding=1)
         plans = self._plans()[2:]
         scanned = self.scan_groups() if self.scan_blocks else {}
         for i, (blocks, planes, plan) in enumerate(zip(self.layers, (64, 128, 256, 512), plans)):
@@ -145,7 +145,7 @@ class ResNet(Backbone):
         return {f.name: feats[f.name] for f in info}
 
 
-# torchvision and timm name ResNets identically: conv1, bn1, layerI.J.*, fc.
+# torchvision and timm name ResNets identically: conv1, bn1, layerI.J.* (and the head's fc).
 TORCH_RESNET = WeightSource(
     "torchvision",
     rules=(
@@ -153,7 +153,6 @@ TORCH_RESNET = WeightSource(
         (r"layer(\d)\.(\d+)\.(conv\d|bn\d)", r"backbone/layer\1_\2/\3"),
         (r"layer(\d)\.(\d+)\.downsample\.0", r"backbone/layer\1_\2/downsample_conv"),
         (r"layer(\d)\.(\d+)\.downsample\.1", r"backbone/layer\1_\2/downsample_bn"),
-        (r"fc", r"head/fc"),
     ),
     **TORCH_IMAGENET,
 )

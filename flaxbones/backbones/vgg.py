@@ -6,8 +6,7 @@ from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, select_features
-from flaxbones.heads.classification import FCHead
-from flaxbones.layers import ConvNormAct, max_pool
+from flaxbones.layers import ConvNormAct
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -51,6 +50,7 @@ class VGG(Backbone):
         info = self.feature_info
         conv = self.conv_def(use_bias=True)
         norm = self.norm_def(train) if self.batch_norm else None
+        pool = self.pool_def()
         feats, dilation = {}, 1
         for s, (widths, plan) in enumerate(zip(self.stages, self._plans())):
             for j, width in enumerate(widths):
@@ -58,7 +58,7 @@ class VGG(Backbone):
                                 name=f"conv{s + 1}_{j + 1}")(x)
             if s > 0:
                 feats[f"C{s}"] = x
-            x = max_pool(x, 2, 2) if plan.stride == 2 else max_pool(x, 3, 1, padding=1)
+            x = pool(x, 2, 2) if plan.stride == 2 else pool(x, 3, 1, padding=1)
             dilation = plan.dilation
         feats["C5"] = x
         return {f.name: feats[f.name] for f in info}
@@ -75,16 +75,11 @@ def torchvision_vgg_source(stages, batch_norm: bool) -> WeightSource:
                 rules.append((rf"features\.{index + 1}", f"{module}/bn"))
             index += 3 if batch_norm else 2
         index += 1
-    rules += [(r"classifier\.0", "head/fc6"), (r"classifier\.3", "head/fc7"),
-              (r"classifier\.6", "head/fc8")]
     return WeightSource("torchvision", rules=tuple(rules), **TORCH_IMAGENET)
 
-
-# torchvision's classifier, with its init: Linear weights N(0, 0.01), zero biases.
-VGG_HEAD = partial(FCHead, pool_size=7, kernel_init=nn.initializers.normal(0.01), zero_bias=True)
 
 for _depth, _stages in STAGES.items():  # vgg11 ... vgg19_bn, each with its own key map
     for _bn in (False, True):
         _name = f"vgg{_depth}{'_bn' if _bn else ''}"
-        register_variants("vgg", head=VGG_HEAD, weights=torchvision_vgg_source(_stages, _bn),
+        register_variants("vgg", weights=torchvision_vgg_source(_stages, _bn),
                           variants={_name: partial(VGG, stages=_stages, batch_norm=_bn)})

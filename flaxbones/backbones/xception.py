@@ -29,6 +29,7 @@ class Block(nn.Module):
     grow_first: bool = True
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
+    pool: ModuleDef = max_pool
 
     @nn.compact
     def __call__(self, x):
@@ -44,7 +45,7 @@ class Block(nn.Module):
             y = self.norm(name=f"rep_{index + 1}")(y)
             index += 2
         if self.stride != 1:
-            y = max_pool(y, 3, self.stride, padding=1)
+            y = self.pool(y, 3, self.stride, padding=1)
         if self.stride != 1 or in_chs != self.features:
             x = self.conv(self.features, (1, 1), (self.stride, self.stride), padding="VALID",
                           name="skip")(x)
@@ -58,13 +59,7 @@ class Xception(Backbone):
     Only `output_stride=32`; any other raises a ValueError at construction.
     """
 
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.output_stride != 32:
-            raise ValueError(f"output_stride={self.output_stride} is not supported by Chollet's "
-                             "Xception (its max-pools cannot be dilated exactly); only 32 is. "
-                             "Use xception65/xception71 for output_stride 8 or 16")
+    supported_strides = (32,)  # max-pools downsample; dilating them would not be exact
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
@@ -81,7 +76,7 @@ class Xception(Backbone):
         x = nn.relu(norm(name="bn1")(conv(32, (3, 3), (2, 2), padding="VALID", name="conv1")(x)))
         x = nn.relu(norm(name="bn2")(conv(64, (3, 3), padding="VALID", name="conv2")(x)))
         feats = {"C1": x}
-        block = partial(Block, conv=conv, norm=norm)
+        block = partial(Block, conv=conv, norm=norm, pool=self.pool_def())
         x = block(128, 2, 2, start_with_relu=False, name="block1")(x)
         feats["C2"] = x
         x = feats["C3"] = block(256, 2, 2, name="block2")(x)
@@ -108,7 +103,6 @@ TIMM_LEGACY_XCEPTION = WeightSource(
         (r"block(\d+)\.rep\.(\d+)\.pointwise", r"backbone/block\1/rep_\2/conv_pw"),
         (r"block(\d+)\.rep\.(\d+)", r"backbone/block\1/rep_\2"),
         (r"block(\d+)\.(skip|skipbn)", r"backbone/block\1/\2"),
-        (r"fc", r"head/fc"),
     ),
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=299,
 )

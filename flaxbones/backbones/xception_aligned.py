@@ -73,18 +73,14 @@ class XceptionAligned(Backbone):
 
     entry: Sequence[tuple[int, int]]
     middle: int = 16
-    multi_grid: Sequence[int] | None = None
     padding: str = "torch"
     bn_epsilon: float = option(1e-3)
     scan_blocks: bool = option(False)
     block: ModuleDef = option(XceptionModule)  # a field, so `train.remat_blocks` can wrap it
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._plans()  # an unsupported output_stride fails at construction
-        if self.multi_grid is not None and len(self.multi_grid) != 3:
-            raise ValueError(f"multi_grid needs one rate per separable conv of the last block "
-                             f"(3), got {tuple(self.multi_grid)}")
+    @nn.nowrap
+    def multi_grid_units(self) -> int:
+        return 3  # the separable convs of the last block
 
     @nn.nowrap
     def _blocks(self) -> list[tuple[tuple[int, int, int], int]]:
@@ -154,7 +150,6 @@ TIMM_XCEPTION_ALIGNED = WeightSource(
         (r"blocks\.(\d+)\.shortcut\.(conv|bn)", r"backbone/blocks_\1/shortcut/\2"),
         (r"blocks\.(\d+)\.stack\.(conv\d)\.(conv_dw|bn_dw|conv_pw|bn_pw)",
          r"backbone/blocks_\1/\2/\3"),
-        (r"head\.fc", r"head/fc"),
     ),
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=299,
 )

@@ -3,10 +3,7 @@ from functools import partial
 
 from flax import linen as nn
 
-from flaxbones.layers.module import ConvNormModule
-
-# torch.nn.Conv2d's default init (kaiming uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
-torch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+from flaxbones.layers import ConvNormModule, torch_default_init
 
 
 class SegmentationHead(ConvNormModule):
@@ -20,7 +17,7 @@ class SegmentationHead(ConvNormModule):
 
     num_classes: int
 
-    conv_init = staticmethod(torch_conv_init)
+    conv_init = staticmethod(torch_default_init)
     align_corners = False
     supported_strides = None  # a tuple of strides of its deepest input, or None: any
 

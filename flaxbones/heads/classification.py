@@ -1,25 +1,29 @@
-"""Classification heads: the default (global pool, dropout, dense) and torchvision's FC head."""
-from typing import Any, Callable
+"""Classification heads and the torch key rules of their reference layouts.
+
+Every head takes the backbone's feature dict and returns logits (N, num_classes), or the
+pooled / pre-logit features with `num_classes=0`. An auxiliary head (GoogLeNet's) returns
+a dict of named logits. `levels` names what a head reads, checked at construction.
+"""
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import LEVELS
-from flaxbones.layers import adaptive_avg_pool, global_avg_pool
-
-# torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+from flaxbones.layers import (ConvNormAct, ConvNormModule, adaptive_avg_pool, global_avg_pool,
+                              normal_001, torch_bias_init, torch_default_init)
 
 
-def torch_bias_init(fan_in: int):
-    """torch.nn.Linear's default bias init for a layer with `fan_in` inputs."""
-    bound = 1.0 / fan_in ** 0.5
-    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(
-        key, shape, dtype) - bound
+def _dense(features, fan_in, dtype, param_dtype, kernel_init=torch_default_init,
+           zero_bias=False, name=None):
+    bias_init = nn.initializers.zeros if zero_bias else torch_bias_init(fan_in)
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                    bias_init=bias_init, name=name)
 
 
 class ClassifierHead(nn.Module):
-    """Pool the deepest C-level (or `feature`), dropout, dense `fc`.
+    """Global average pool of `feature` (default: the deepest C-level), dropout, dense `fc`.
 
     `num_classes=0` returns the pooled features (timm's `reset_classifier(0)`).
     """
@@ -27,20 +31,28 @@ class ClassifierHead(nn.Module):
     num_classes: int
     drop_rate: float = 0.0
     feature: str | None = None
+    kernel_init: Callable = torch_default_init
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return () if self.feature is None else (self.feature,)
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         levels = [name for name in features if name in LEVELS] or list(features)
-        x = features[self.feature or max(levels)]
-        x = global_avg_pool(x)
+        x = global_avg_pool(features[self.feature or max(levels)])
         if self.num_classes == 0:
             return x
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=torch_linear_init, bias_init=torch_bias_init(x.shape[-1]),
-                        name="fc")(x)
+        return _dense(self.num_classes, x.shape[-1], self.dtype, self.param_dtype,
+                      self.kernel_init, name="fc")(x)
+
+    @staticmethod
+    def torch_rules(fc: str) -> tuple:
+        """A reference classifier's final Linear at torch module path `fc` (a regex)."""
+        return ((fc, "head/fc"),)
 
 
 class FCHead(nn.Module):
@@ -58,15 +70,18 @@ class FCHead(nn.Module):
     hidden: int = 4096
     drop_before_fc: bool = False
     feature: str = "C5"
-    kernel_init: Callable = torch_linear_init
+    kernel_init: Callable = torch_default_init
     zero_bias: bool = False  # torchvision's VGG init; else torch.nn.Linear's default
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def _dense(self, features, fan_in, name):
-        bias_init = nn.initializers.zeros if self.zero_bias else torch_bias_init(fan_in)
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=self.kernel_init, bias_init=bias_init, name=name)
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return (self.feature,)
+
+    def _fc(self, features, fan_in, name):
+        return _dense(features, fan_in, self.dtype, self.param_dtype, self.kernel_init,
+                      self.zero_bias, name=name)
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
@@ -75,8 +90,98 @@ class FCHead(nn.Module):
         drop = nn.Dropout(self.drop_rate, deterministic=not train)
         for name in ("fc6", "fc7"):
             x = drop(x) if self.drop_before_fc else x
-            x = nn.relu(self._dense(self.hidden, x.shape[-1], name)(x))
+            x = nn.relu(self._fc(self.hidden, x.shape[-1], name)(x))
             x = x if self.drop_before_fc else drop(x)
         if self.num_classes == 0:
             return x
-        return self._dense(self.num_classes, x.shape[-1], "fc8")(x)
+        return self._fc(self.num_classes, x.shape[-1], "fc8")(x)
+
+    @staticmethod
+    def torch_rules(drop_before_fc: bool = False) -> tuple:
+        """torchvision's `classifier` Sequential: VGG (Linear, ReLU, Dropout) x2, Linear;
+        AlexNet (Dropout, Linear, ReLU) x2, Linear."""
+        indices = (1, 4, 6) if drop_before_fc else (0, 3, 6)
+        return tuple((rf"classifier\.{i}", f"head/{fc}") for i, fc in zip(indices, ("fc6", "fc7", "fc8")))
+
+
+class MobileNetV3Head(nn.Module):
+    """torchvision's MobileNetV3 classifier: pool C5 -> Linear `hidden` -> hard-swish ->
+    dropout -> `fc`. `num_classes=0` returns the pooled C5 features."""
+
+    num_classes: int
+    drop_rate: float = 0.0
+    hidden_channels: int = 1280
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    levels = ("C5",)
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        x = global_avg_pool(features["C5"])
+        if self.num_classes == 0:
+            return x
+        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=normal_001)
+        x = nn.hard_swish(dense(self.hidden_channels, name="hidden")(x))
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        return dense(self.num_classes, name="fc")(x)
+
+    @staticmethod
+    def torch_rules() -> tuple:
+        return ((r"classifier\.0", "head/hidden"), (r"classifier\.3", "head/fc"))
+
+
+class InceptionAux(nn.Module):
+    """torchvision's GoogLeNet auxiliary classifier: adaptive 4x4 average pool, 1x1
+    conv-BN-ReLU (128), fc1 (1024, ReLU), dropout, fc2; flattened in NCHW order as torch."""
+
+    num_classes: int
+    drop_rate: float
+    conv: Callable
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = self.conv(128, 1, name="conv")(adaptive_avg_pool(x, 4))
+        x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.relu(_dense(1024, x.shape[-1], kernel_init=normal_001, name="fc1", **dtypes)(x))
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        return _dense(self.num_classes, 1024, kernel_init=normal_001, name="fc2", **dtypes)(x)
+
+
+class GoogLeNetAux(ConvNormModule):
+    """GoogLeNet's two auxiliary classifiers, `aux1` on inception4a and `aux2` on
+    inception4d: {'aux1': logits, 'aux2': logits}, in train and eval mode alike.
+
+    BatchNorm settings (epsilon 1e-3 as torchvision, momentum, `axis_name`) follow the
+    backbone's. `drop_rate` None is torchvision's 0.7.
+    """
+
+    num_classes: int
+    drop_rate: float | None = None
+    inputs: Sequence[str] = ("inception4a", "inception4d")
+
+    conv_init = staticmethod(normal_001)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        if self.num_classes < 1:
+            raise ValueError("GoogLeNet's auxiliary classifiers need num_classes >= 1; "
+                             "build with aux_logits=False for pooled features")
+        rate = 0.7 if self.drop_rate is None else self.drop_rate
+        conv = partial(ConvNormAct, conv=self.conv_def(), norm=self.norm_def(train))
+        aux = partial(InceptionAux, self.num_classes, rate, conv, self.dtype, self.param_dtype)
+        return {f"aux{i}": aux(name=f"aux{i}")(features[level], train)
+                for i, level in enumerate(self.inputs, 1)}
+
+    @staticmethod
+    def torch_rules() -> tuple:
+        return ((r"(aux\d)\.conv\.(conv|bn)", r"aux_head/\1/conv/\2"),
+                (r"(aux\d)\.(fc\d)", r"aux_head/\1/\2"))

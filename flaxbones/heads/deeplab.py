@@ -62,6 +62,19 @@ class DeepLabV3Head(SegmentationHead):
             x = ConvNormAct(self.aspp_channels, 3, conv=conv, norm=norm, name="conv")(x)
         return self.classifier_def()(name="classifier")(x)
 
+    @staticmethod
+    def torch_rules() -> tuple:
+        """torchvision's DeepLabHead (ASPP, Conv, BN, ReLU, Conv) at `classifier`; ASPP's
+        `convs.4` is its pooling branch."""
+        return ((r"classifier\.0\.convs\.4\.1", "head/aspp/pool/conv"),
+                (r"classifier\.0\.convs\.4\.2", "head/aspp/pool/bn"),
+                (r"classifier\.0\.convs\.(\d)\.0", r"head/aspp/convs_\1/conv"),
+                (r"classifier\.0\.convs\.(\d)\.1", r"head/aspp/convs_\1/bn"),
+                (r"classifier\.0\.project\.0", "head/aspp/project/conv"),
+                (r"classifier\.0\.project\.1", "head/aspp/project/bn"),
+                (r"classifier\.1", "head/conv/conv"), (r"classifier\.2", "head/conv/bn"),
+                (r"classifier\.4", "head/classifier"))
+
 
 class DeepLabV3PlusHead(SegmentationHead):
     """DeepLabv3+: ASPP on `feature` upsampled to the `low_level` feature (C2) projected to

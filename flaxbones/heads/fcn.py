@@ -22,3 +22,9 @@ class FCNHead(SegmentationHead):
                         name="conv")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return self.classifier_def()(name="classifier")(x)
+
+    @staticmethod
+    def torch_rules(src: str = "classifier", dst: str = "head") -> tuple:
+        """torchvision's FCNHead (Conv, BN, ReLU, Dropout, Conv) at `src` onto `dst`."""
+        return ((rf"{src}\.0", f"{dst}/conv/conv"), (rf"{src}\.1", f"{dst}/conv/bn"),
+                (rf"{src}\.4", f"{dst}/classifier"))

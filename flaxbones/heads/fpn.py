@@ -2,12 +2,11 @@
 from functools import partial
 from typing import Sequence
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.features import FeatureInfo
 from flaxbones.heads.base import SegmentationHead
-from flaxbones.layers import Conv, ConvNormAct, resize_bilinear, resize_nearest
+from flaxbones.layers import ConvNormAct, ConvNormModule, resize_bilinear, resize_nearest
 
 # torchvision's FPN init: kaiming_uniform(a=1), zero bias.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -20,20 +19,21 @@ TORCHVISION_FPN_RULES = (
 )
 
 
-class FPN(nn.Module):
+class FPN(ConvNormModule):
     """Lateral 1x1 convs (`lateral_i`), nearest top-down sums, 3x3 output convs
     (`output_i`): {C2..C5} -> {P2..P5} with `features` channels each, any input size.
 
     `extra='pool'` adds P6 = stride-2 subsampling of P5 (torchvision's LastLevelMaxPool,
     Faster R-CNN); `extra='p6p7'` adds P6 = 3x3/2 conv of P5 and P7 = 3x3/2 conv of
     ReLU(P6) (RetinaNet, named `p6`, `p7`). Usable alone as a detection neck.
+    Convs have biases and torchvision's FPN init; there is no normalisation.
     """
 
     in_levels: Sequence[str] = ("C2", "C3", "C4", "C5")
     features: int = 256
     extra: str | None = None
-    dtype: object = jnp.float32
-    param_dtype: object = jnp.float32
+
+    conv_init = staticmethod(fpn_init)
 
     def out_levels(self) -> tuple[str, ...]:
         names = tuple("P" + n[1:] for n in self.in_levels)
@@ -56,8 +56,7 @@ class FPN(nn.Module):
     def __call__(self, features: dict):
         if self.extra not in EXTRAS:
             raise ValueError(f"unknown FPN extra {self.extra!r}; choose one of {EXTRAS}")
-        conv = partial(Conv, self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=fpn_init)
+        conv = partial(self.conv_def(use_bias=True), self.features)
         pad = ((1, 1), (1, 1))
         outs, top = [], None
         for i in reversed(range(len(self.in_levels))):
@@ -90,7 +89,8 @@ class SemanticFPNHead(SegmentationHead):
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         pyramid = FPN(self.in_levels, self.fpn_channels, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="fpn")(features)
+                      param_dtype=self.param_dtype, cpu_kernels=self.cpu_kernels,
+                      name="fpn")(features)
         maps = [pyramid["P" + n[1:]] for n in self.in_levels]
         norm = partial(nn.GroupNorm, num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
                        param_dtype=self.param_dtype)

@@ -30,3 +30,10 @@ class LRASPPHead(SegmentationHead):
         x = resize_bilinear(x, low.shape[1:3])
         classifier = self.classifier_def()
         return classifier(name="low_classifier")(low) + classifier(name="high_classifier")(x)
+
+    @staticmethod
+    def torch_rules() -> tuple:
+        """torchvision's LRASPPHead at `classifier`."""
+        return ((r"classifier\.cbr\.0", "head/cbr/conv"), (r"classifier\.cbr\.1", "head/cbr/bn"),
+                (r"classifier\.scale\.1", "head/scale"),
+                (r"classifier\.(low|high)_classifier", r"head/\1_classifier"))

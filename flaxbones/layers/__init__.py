@@ -1,6 +1,7 @@
 """Small shared blocks: conv-norm-act, PyTorch-exact BatchNorm, padding, pooling, resizing."""
-from flaxbones.layers.conv import ConvNormAct, ModuleDef, kaiming_fan_out
-from flaxbones.layers.cpu_conv import Conv, conv_general_dilated, loop_conv
+from flaxbones.layers.conv import ConvNormAct, ModuleDef
+from flaxbones.layers.cpu_conv import Conv, conv_general_dilated, loop_conv, make_conv
+from flaxbones.layers.init import kaiming_fan_out, normal_001, torch_bias_init, torch_default_init
 from flaxbones.layers.inverted_residual import InvertedResidual, make_divisible
 from flaxbones.layers.module import ConvNormModule, option
 from flaxbones.layers.norm import BatchNorm
@@ -12,5 +13,6 @@ from flaxbones.layers.squeeze_excite import SqueezeExcite
 
 __all__ = ["BatchNorm", "Conv", "ConvNormAct", "ConvNormModule", "InvertedResidual", "ModuleDef",
            "SeparableConv", "SqueezeExcite", "adaptive_avg_pool", "conv_general_dilated",
-           "conv_padding", "global_avg_pool", "kaiming_fan_out", "loop_conv", "make_divisible",
-           "max_pool", "option", "resize_bilinear", "resize_nearest", "torch_padding"]
+           "conv_padding", "global_avg_pool", "kaiming_fan_out", "loop_conv",
+           "make_conv", "make_divisible", "max_pool", "normal_001", "option", "resize_bilinear",
+           "resize_nearest", "torch_bias_init", "torch_default_init", "torch_padding"]

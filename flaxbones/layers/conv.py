@@ -10,9 +10,6 @@ from flaxbones.layers.padding import conv_padding
 
 ModuleDef = Any
 
-# torchvision's ResNet/VGG init: kaiming normal, fan_out, gain sqrt(2).
-kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
 
 class ConvNormAct(nn.Module):
     """A conv (`conv`), an optional norm (`bn`) and an optional activation.

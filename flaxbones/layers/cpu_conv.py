@@ -17,8 +17,10 @@ Inside a loop body (scanned blocks) XLA:CPU also misses its fast path for the tr
 convolutions of a stride-1 convolution's backward pass (a scanned ResNet-50 step: 1.52 s
 against 0.26 s unrolled); `loop_conv` gives those a VJP written as NHWC/HWIO convolutions.
 
-`Conv` is `nn.Conv` with the rewrites injected: same parameters, same layout, the same sums
-(only their order changes); on other backends and for every other convolution it is lax's.
+`Conv` is `nn.Conv` with `conv_general_dilated` injected: same parameters, same layout, the
+same sums (only their order changes). The rewrites run only with `cpu=True`, a choice fixed
+when a model is created (`ConvNormModule.cpu_kernels`), never read from the backend while
+tracing, so a program exported on a CPU host holds lax's convolutions unless asked otherwise.
 """
 from functools import partial
 
@@ -47,11 +49,12 @@ def _explicit_padding(padding, lhs, rhs, window_strides, dilation):
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
-                         in_loop=False, **kwargs):
-    """`lax.conv_general_dilated`, except NHWC depthwise, pointwise and tiny-output
-    convolutions on CPU, and (`in_loop`) stride-1 spatial convolutions inside a loop body."""
+                         cpu=False, in_loop=False, **kwargs):
+    """`lax.conv_general_dilated`; with `cpu`, NHWC depthwise, pointwise and tiny-output
+    convolutions and (`in_loop`) stride-1 spatial convolutions inside a loop body are
+    rewritten for XLA:CPU."""
     dilation = tuple(rhs_dilation or (1, 1))
-    eligible = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not kwargs
+    eligible = (cpu and lhs.ndim == 4 and not kwargs
                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
                 and _is_plain_nhwc(lhs, rhs, dimension_numbers))
     if eligible:
@@ -159,6 +162,12 @@ _nhwc_conv.defvjp(_nhwc_conv_fwd, _nhwc_conv_bwd)
 Conv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
+def make_conv(cpu: bool):
+    """`Conv` with the XLA:CPU rewrites on (`cpu=True`) or off (lax's convolution)."""
+    return partial(nn.Conv, conv_general_dilated=partial(conv_general_dilated, cpu=cpu))
+
+
 def loop_conv(conv):
-    """`conv` (an `nn.Conv` constructor) for use inside a loop body (a scanned block)."""
-    return partial(conv, conv_general_dilated=partial(conv_general_dilated, in_loop=True))
+    """`conv` (a `Conv` constructor) for use inside a loop body (a scanned block)."""
+    inner = conv.keywords.get("conv_general_dilated", conv_general_dilated)
+    return partial(conv, conv_general_dilated=partial(inner, in_loop=True))

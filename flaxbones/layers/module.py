@@ -3,12 +3,14 @@ import dataclasses
 from functools import partial
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.layers.conv import kaiming_fan_out
-from flaxbones.layers.cpu_conv import Conv
+from flaxbones.layers.cpu_conv import make_conv
+from flaxbones.layers.init import kaiming_fan_out
 from flaxbones.layers.norm import BatchNorm
+from flaxbones.layers.pooling import max_pool
 
 
 def option(default):
@@ -18,9 +20,15 @@ def option(default):
 
 class ConvNormModule(nn.Module):
     """Base of backbones and heads: the weight source's BN settings (`bn_momentum` in
-    Flax's convention, 1 - torch's), the `pmap` `axis_name`, the dtypes, and the injected
-    `conv_def()` / `norm_def(train)` built from them. `conv_init` is the family's default
-    kernel init (a class attribute, not a field).
+    Flax's convention, 1 - torch's), the `pmap` `axis_name`, the dtypes, the kernel choice,
+    and the injected `conv_def()` / `norm_def(train)` / `pool_def()` built from them.
+    `conv_init` is the family's default kernel init (a class attribute, not a field).
+
+    `cpu_kernels` selects the XLA:CPU rewrites of convolutions and max-pooling
+    (`layers.cpu_conv`); None resolves when the module is created, to whether JAX's
+    default backend is the CPU (which starts the backend: with several processes, call
+    `jax.distributed.initialize` first, or pass a value). `False` gives lax's ops, what
+    every backend compiles natively: use it for a `jax.export` meant to run anywhere.
     """
 
     bn_epsilon: float = option(1e-5)
@@ -28,14 +36,26 @@ class ConvNormModule(nn.Module):
     axis_name: str | None = option(None)
     dtype: Any = option(jnp.float32)
     param_dtype: Any = option(jnp.float32)
+    cpu_kernels: bool | None = option(None)
 
     conv_init = staticmethod(kaiming_fan_out)
+
+    def __post_init__(self):
+        if self.cpu_kernels is None:
+            object.__setattr__(self, "cpu_kernels", jax.default_backend() == "cpu")
+        super().__post_init__()
 
     @nn.nowrap
     def conv_def(self, use_bias: bool = False, kernel_init=None, **kwargs):
         """Conv constructor with the dtypes threaded (bias-free by default: a BN follows)."""
-        return partial(Conv, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=kernel_init or self.conv_init, **kwargs)
+        return partial(make_conv(self.cpu_kernels), use_bias=use_bias, dtype=self.dtype,
+                       param_dtype=self.param_dtype, kernel_init=kernel_init or self.conv_init,
+                       **kwargs)
+
+    @nn.nowrap
+    def pool_def(self):
+        """`layers.max_pool` with this module's kernel choice."""
+        return partial(max_pool, cpu=self.cpu_kernels)
 
     @nn.nowrap
     def norm_def(self, train: bool):

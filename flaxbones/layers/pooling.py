@@ -15,17 +15,19 @@ def _ceil_extra(size: int, window: int, stride: int, pad: int) -> int:
     return max(0, (out - 1) * stride + window - (size + 2 * pad))
 
 
-def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False):
+def max_pool(x, window: int, stride: int, padding: int = 0, ceil_mode: bool = False,
+             cpu: bool = False):
     """`torch.nn.MaxPool2d(window, stride, padding, ceil_mode=...)` on NHWC input.
 
-    The gradient goes to the first maximum of each window, as in torch. On CPU it is
-    computed from k*k shifted slices (`_max_pool_shifted`): XLA:CPU's own max-pool
-    gradient tracks argmax indices through int32 tensors and runs ~2.4x slower."""
+    The gradient goes to the first maximum of each window, as in torch. With `cpu` (a
+    model's `cpu_kernels`) it is computed from k*k shifted slices (`_max_pool_shifted`):
+    XLA:CPU's own max-pool gradient tracks argmax indices through int32 tensors and runs
+    ~2.4x slower."""
     pads = []
     for size in x.shape[1:3]:
         extra = _ceil_extra(size, window, stride, padding) if ceil_mode else 0
         pads.append((padding, padding + extra))
-    if jax.default_backend() == "cpu":
+    if cpu:
         return _max_pool_shifted(x, window, stride, tuple(pads))
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
 

@@ -11,13 +11,18 @@ A step directory holds three checkpointables: `state` (the train state pytree),
 name and kwargs, config, step, metrics; JSON).
 """
 import dataclasses
+import functools
 import logging
 import pathlib
 import signal
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import traverse_util
 from orbax.checkpoint import v1 as ocp
+
+from flaxbones.weights.convert import LoadReport
 
 STATE, DATA, META = "state", "data", "meta"
 _policies = ocp.training.preservation_policies
@@ -203,20 +208,13 @@ def abstract_state_like(tree, shardings=None):
                         tree, shardings)
 
 
-@dataclasses.dataclass
-class TransferReport:
-    """Leaves restored from the checkpoint and leaves left as initialised."""
-
-    loaded: list[str]
-    kept: list[str]
-
-
 def transfer(directory, variables: dict, subtrees=("backbone",), step: int | None = None):
     """Restore the `subtrees` (e.g. a classifier's 'backbone') of a checkpoint's params and
     batch_stats into `variables` of another model (a segmenter, say).
 
-    Returns (new variables, TransferReport). Every leaf under a transferred sub-tree must
-    exist in the checkpoint with the same shape; everything else keeps its value.
+    Returns (new variables, LoadReport): `loaded` the restored leaves, `skipped` those left
+    as they were. Every leaf under a transferred sub-tree must exist in the checkpoint
+    with the same shape; everything else keeps its value.
     """
     picked = {c: {t: variables[c][t] for t in subtrees if t in variables.get(c, {})}
               for c in ("params", "batch_stats")}
@@ -229,8 +227,50 @@ def transfer(directory, variables: dict, subtrees=("backbone",), step: int | Non
     for c, trees in loaded.items():
         merged[c].update(trees)
     loaded_names = set(_leaf_paths(loaded))
-    report = TransferReport(sorted(loaded_names), sorted(set(_leaf_paths(variables)) - loaded_names))
-    return merged, report
+    return merged, LoadReport(sorted(loaded_names),
+                              sorted(set(_leaf_paths(variables)) - loaded_names), [])
+
+
+def load_variables(directory, name: str | None = None, *, skip_head: bool = False, rng=None,
+                   step: int | None = None, **create_kwargs):
+    """(variables, LoadReport): the params and batch_stats saved at `step` (default: the
+    latest) of a `Checkpoints` run, for `create_model(name, **create_kwargs)`; the name
+    and kwargs come from the saved metadata unless given. With `skip_head=True`, head
+    leaves saved with another shape (another num_classes) keep their initial values (from
+    `rng`) and are reported as skipped; any other difference is a ValueError.
+    """
+    from flaxbones.registry import create_model, get_spec
+
+    with Checkpoints(directory) as ckpt:
+        meta = ckpt.read_meta(step)
+        saved_name = meta.get("model")
+        if name is not None and saved_name is not None and name != saved_name:
+            raise ValueError(f"{directory} holds a {saved_name!r} checkpoint, not {name!r}")
+        name = name or saved_name
+        if name is None:
+            raise ValueError(f"{directory} has no model name in its metadata; pass one")
+        kwargs = create_kwargs or meta.get("model_kwargs", {})
+        model = create_model(name, **kwargs)
+        images = jnp.zeros((1, 224, 224, 3), kwargs.get("dtype", jnp.float32))
+        init = functools.partial(model.init, train=False)
+        rngs = {"params": jax.random.PRNGKey(0) if rng is None else rng}
+        shapes = jax.eval_shape(init, rngs, images)
+        target = _leaf_paths({c: shapes[c] for c in ("params", "batch_stats") if c in shapes})
+        source = get_spec(name).weights
+        heads = source.head_prefixes() if source is not None else ("head/", "aux_head/")
+        saved = ckpt.saved_shapes(step)
+        skipped = sorted(k for k, x in target.items() if skip_head
+                         and k.split("/", 1)[1].startswith(heads) and saved.get(k) != x.shape)
+        wanted = {k: x for k, x in target.items() if k not in skipped}
+        variables = _leaf_paths(ckpt.load_subtree(abstract_state_like(_nest(wanted)), step))
+    if skipped:
+        fresh = _leaf_paths(jax.jit(init)(rngs, images))
+        variables.update({k: fresh[k] for k in skipped})
+    return _nest(variables), LoadReport(sorted(wanted), skipped, [])
+
+
+def _nest(flat: dict) -> dict:
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 class PreemptionGuard:

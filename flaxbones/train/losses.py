@@ -41,14 +41,9 @@ def _pixel_ce(logits, labels, weights):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, safe) * weights)
 
 
-def segmentation_cross_entropy(outputs, labels, ignore_label: int = 255,
-                               aux_weight: float = 0.4, mask=None):
-    """Per-pixel cross-entropy, pixels labelled `ignore_label` and padded examples left
-    out, plus `aux_weight` x the same loss on `outputs['aux']` when `outputs` is a
-    segmenter's {'out': ..., 'aux': ...}. Returns (sum, number of counted pixels)."""
-    main, aux = (outputs["out"], outputs.get("aux")) if isinstance(outputs, dict) else (outputs, None)
+def segmentation_cross_entropy(logits, labels, ignore_label: int = 255, mask=None):
+    """Per-pixel cross-entropy of (N, H, W, C) logits against (N, H, W) labels, pixels
+    labelled `ignore_label` and padded examples left out. Returns (sum, number of counted
+    pixels)."""
     weights = pixel_weights(labels, ignore_label, mask)
-    total = _pixel_ce(main, labels, weights)
-    if aux is not None and aux_weight:
-        total = total + aux_weight * _pixel_ce(aux, labels, weights)
-    return total, jnp.sum(weights)
+    return _pixel_ce(logits, labels, weights), jnp.sum(weights)

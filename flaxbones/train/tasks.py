@@ -3,6 +3,10 @@
 A batch is a dict in the data pipelines' format (flaxbones.data): 'image' (N, H, W, C)
 float; 'label' (N,) class ids for classification or 'segmentation' (N, H, W) pixel ids
 for segmentation; optionally 'valid' (N,), False/0 for padded examples.
+
+Model outputs follow flaxbones' output contract: a dict with the main logits under
+'out' and any auxiliary logits (a segmenter's 'aux', GoogLeNet's 'aux1'/'aux2') beside
+them. Every auxiliary output adds `aux_weight` x its own loss; metrics read 'out'.
 """
 import dataclasses
 
@@ -24,12 +28,31 @@ def _check_common(batch, label_key):
                          f"got {batch['valid'].shape}")
 
 
+def _main_and_aux(outputs) -> tuple:
+    """(the main logits, [auxiliary logits]) of a model's outputs."""
+    if not isinstance(outputs, dict) or "out" not in outputs:
+        raise TypeError("model outputs must be a dict with the logits under 'out' (and any "
+                        f"auxiliary outputs beside them); got {type(outputs).__name__}")
+    return outputs["out"], [v for k, v in sorted(outputs.items()) if k != "out"]
+
+
+def _with_aux(outputs, loss, aux_weight):
+    """(sum, count) of `loss` on the main output plus `aux_weight` x each auxiliary one."""
+    main, aux = _main_and_aux(outputs)
+    total, count = loss(main)
+    for logits in aux if aux_weight else ():
+        total = total + aux_weight * loss(logits)[0]
+    return total, count
+
+
 @dataclasses.dataclass(frozen=True)
 class Classification:
-    """Softmax cross-entropy with label smoothing; top-k accuracy. Labels: batch['label']."""
+    """Softmax cross-entropy with label smoothing, plus `aux_weight` (GoogLeNet's 0.3) x
+    that of each auxiliary output; top-k accuracy. Labels: batch['label']."""
 
     label_smoothing: float = 0.0
     topk: tuple[int, ...] = (1, 5)
+    aux_weight: float = 0.3
     label_key = "label"
 
     def check(self, batch):
@@ -44,17 +67,21 @@ class Classification:
         return self._mask(batch).sum()
 
     def loss(self, outputs, batch):
-        return losses.softmax_cross_entropy(outputs, batch["label"], self.label_smoothing,
-                                            self._mask(batch))
+        def loss(logits):
+            return losses.softmax_cross_entropy(logits, batch["label"], self.label_smoothing,
+                                                self._mask(batch))
+        return _with_aux(outputs, loss, self.aux_weight)
 
     def metrics(self, outputs, batch):
-        return metrics.topk_correct(outputs, batch["label"], self.topk, self._mask(batch))
+        logits, _ = _main_and_aux(outputs)
+        return metrics.topk_correct(logits, batch["label"], self.topk, self._mask(batch))
 
 
 @dataclasses.dataclass(frozen=True)
 class Segmentation:
-    """Per-pixel cross-entropy ignoring `ignore_label`, aux loss weighted `aux_weight`;
-    a confusion matrix giving mIoU and pixel accuracy. Labels: batch['segmentation']."""
+    """Per-pixel cross-entropy ignoring `ignore_label`, plus `aux_weight` x that of each
+    auxiliary output; a confusion matrix giving mIoU and pixel accuracy.
+    Labels: batch['segmentation']."""
 
     num_classes: int
     ignore_label: int = 255
@@ -78,13 +105,16 @@ class Segmentation:
 
     def loss(self, outputs, batch):
         labels = batch["segmentation"]
-        return losses.segmentation_cross_entropy(outputs, labels, self.ignore_label,
-                                                 self.aux_weight,
-                                                 losses.example_mask(batch, labels.shape[0]))
+        mask = losses.example_mask(batch, labels.shape[0])
+
+        def loss(logits):
+            return losses.segmentation_cross_entropy(logits, labels, self.ignore_label, mask)
+        return _with_aux(outputs, loss, self.aux_weight)
 
     def metrics(self, outputs, batch):
-        logits = outputs["out"] if isinstance(outputs, dict) else outputs
+        logits, _ = _main_and_aux(outputs)
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[-1]} classes, the task {self.num_classes}")
-        return {"confusion": metrics.confusion_matrix(logits.argmax(-1), batch["segmentation"],
+        preds = metrics.predictions(logits)  # -1 where logits are not finite: a miss
+        return {"confusion": metrics.confusion_matrix(preds, batch["segmentation"],
                                                       self.num_classes, self._weights(batch))}

@@ -11,11 +11,13 @@ _MAX_LISTED = 10
 
 @dataclasses.dataclass
 class LoadReport:
-    """Which flax leaves came from the file and which kept their initial values."""
+    """What a load did: leaves (`'params/backbone/...'`) taken from the file or checkpoint,
+    leaves that kept their values (a skipped head, the parts a `transfer` leaves alone),
+    and source keys dropped deliberately (a mismatched head's, with `skip_head`)."""
 
     loaded: list[str]
     skipped: list[str]
-    ignored_keys: list[str]  # source keys dropped deliberately (mismatched head with skip_head)
+    ignored_keys: list[str]
 
 
 def map_module_path(module: str, rules) -> str | None:

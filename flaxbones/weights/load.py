@@ -11,30 +11,36 @@ from flaxbones.weights.convert import convert_state_dict
 from flaxbones.weights.io import read_state_dict
 
 
-def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
+def load_pretrained(name: str | None, path, *, skip_head: bool = False, rng=None,
                     return_report: bool = False, **create_kwargs):
     """Variables ({'params', 'batch_stats'}) for `create_model(name, **create_kwargs)`.
 
     `path` is a weight file (.safetensors, .pth, ...) or an Orbax training checkpoint
-    directory; from a checkpoint the model is rebuilt from the saved metadata unless
-    kwargs are given (`name=None` takes the saved name too).
+    directory (`flaxbones.train.checkpoint.load_variables`, which rebuilds the model from
+    the saved metadata unless kwargs are given; `name=None` takes the saved name too).
 
     Every leaf must come from the file, shapes must agree, and every key in the file must
     be used: anything else raises a ValueError listing the first offenders, and nothing is
-    returned. With `skip_head=True` the classifier head may differ (another num_classes):
-    its leaves keep their initial values (from `rng`) and the report says which.
+    returned. With `skip_head=True` the head (and aux head) may differ, e.g. another
+    num_classes: those leaves keep their initial values (from `rng`) and the report
+    (`return_report=True`: (variables, LoadReport)) says which.
     With `scan_blocks=True` a weight file is loaded onto the unscanned model, then stacked
     (`flaxbones.scan.scan_variables`); a checkpoint loads in the form it was saved in.
     """
     if pathlib.Path(path).is_dir():
-        return _load_checkpoint(name, path, rng, return_report, create_kwargs)
+        from flaxbones.train.checkpoint import load_variables
+        out = load_variables(path, name, skip_head=skip_head, rng=rng, **create_kwargs)
+        return out if return_report else out[0]
+    if name is None:
+        raise ValueError(f"{path} is a weight file: pass the model name it belongs to")
     if create_kwargs.get("scan_blocks"):
         from flaxbones.scan import scan_variables
 
-        out = load_pretrained(name, path, skip_head=skip_head, rng=rng, return_report=True,
-                              **{**create_kwargs, "scan_blocks": False})
-        variables = scan_variables(out[0], create_model(name, **create_kwargs))
-        return (variables, out[1]) if return_report else variables
+        variables, report = load_pretrained(name, path, skip_head=skip_head, rng=rng,
+                                            return_report=True,
+                                            **{**create_kwargs, "scan_blocks": False})
+        variables = scan_variables(variables, create_model(name, **create_kwargs))
+        return (variables, report) if return_report else variables
     model = create_model(name, **create_kwargs)
     source = get_spec(name).weights
     if source is None:
@@ -45,8 +51,7 @@ def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
     init = partial(model.init, train=False)
     rngs = {"params": jax.random.PRNGKey(0) if rng is None else rng}
     target = jax.eval_shape(init, rngs, images)
-    prefixes = source.head_prefix
-    skip = ((prefixes,) if isinstance(prefixes, str) else tuple(prefixes)) if skip_head else ()
+    skip = source.head_prefixes() if skip_head else ()
     variables, report = convert_state_dict(state, target, source.rules, skip)
     if report.skipped:
         fresh = traverse_util.flatten_dict(jax.jit(init)(rngs, images), sep="/")
@@ -54,25 +59,3 @@ def load_pretrained(name: str, path, *, skip_head: bool = False, rng=None,
         flat.update({k: fresh[k] for k in report.skipped})
         variables = traverse_util.unflatten_dict(flat, sep="/")
     return (variables, report) if return_report else variables
-
-
-def _load_checkpoint(name, directory, rng, return_report, create_kwargs):
-    """params + batch_stats of the latest step of a `train.checkpoint.Checkpoints` run."""
-    from flaxbones.train.checkpoint import Checkpoints, abstract_state_like
-
-    with Checkpoints(directory) as ckpt:
-        meta = ckpt.read_meta()
-        saved_name = meta.get("model")
-        if name is not None and saved_name is not None and name != saved_name:
-            raise ValueError(f"{directory} holds a {saved_name!r} checkpoint, not {name!r}")
-        name = name or saved_name
-        if name is None:
-            raise ValueError(f"{directory} has no model name in its metadata; pass one")
-        kwargs = create_kwargs or meta.get("model_kwargs", {})
-        model = create_model(name, **kwargs)
-        size = 224
-        shapes = jax.eval_shape(partial(model.init, train=False),
-                                {"params": jax.random.PRNGKey(0) if rng is None else rng},
-                                jnp.zeros((1, size, size, 3), kwargs.get("dtype", jnp.float32)))
-        variables = ckpt.load_subtree(abstract_state_like(dict(shapes)))
-    return (variables, meta) if return_report else variables

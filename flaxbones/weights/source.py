@@ -23,4 +23,12 @@ class WeightSource:
     std: tuple[float, ...] = IMAGENET_STD
     input_size: int = 224
     num_classes: int = 1000
-    head_prefix: str | tuple[str, ...] = "head/"  # leaves `skip_head` may leave unloaded
+    head_prefix: str | tuple[str, ...] = ("head/", "aux_head/")  # what `skip_head` may skip
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        prefixes = self.head_prefix
+        return (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
+
+    def with_rules(self, rules) -> "WeightSource":
+        """This source with more key rules (a classifier's head keys, say) appended."""
+        return dataclasses.replace(self, rules=tuple(self.rules) + tuple(rules))
