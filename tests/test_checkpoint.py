@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import flaxbones as fb
+from flaxbones.weights import LoadReport
 from flaxbones.train.checkpoint import CheckpointError, Checkpoints, abstract_state_like, transfer
 
 WORKER = os.path.join(os.path.dirname(__file__), "checkpoint_worker.py")
@@ -142,6 +143,24 @@ def test_load_pretrained_from_a_checkpoint_directory(tmp_path):
     assert jax.tree_util.tree_all(jax.tree.map(np.array_equal, variables, saved))
     with pytest.raises(ValueError, match="holds a 'resnet18' checkpoint, not 'resnet50'"):
         fb.load_pretrained("resnet50", tmp_path)
+
+
+def test_checkpoint_directory_honours_skip_head_and_reports_like_a_weight_file(tmp_path):
+    """skip_head and return_report act on a checkpoint as on a weight file: a head of
+    another size keeps its initial values and the LoadReport says so; without skip_head
+    the mismatch is an error naming the leaf."""
+    saved = _classifier_checkpoint(tmp_path, num_classes=7)
+    variables, report = fb.load_pretrained(None, tmp_path, num_classes=3, skip_head=True,
+                                           return_report=True)
+    assert isinstance(report, LoadReport)
+    assert report.skipped == ["params/head/fc/bias", "params/head/fc/kernel"]
+    assert variables["params"]["head"]["fc"]["kernel"].shape == (512, 3)
+    assert jax.tree_util.tree_all(jax.tree.map(
+        np.array_equal, variables["params"]["backbone"], saved["params"]["backbone"]))
+    _, report = fb.load_pretrained(None, tmp_path, return_report=True)
+    assert isinstance(report, LoadReport) and not report.skipped
+    with pytest.raises(ValueError, match="head/fc/kernel: saved"):
+        fb.load_pretrained(None, tmp_path, num_classes=3)
 
 
 def test_classifier_backbone_transfers_into_a_segmenter(tmp_path):
