@@ -1,6 +1,13 @@
-"""TFDS pipelines: the built-in dataset, mock-data pipelines, host splitting, eval masking."""
+"""TFDS pipelines: the built-in dataset, mock-data pipelines, host splitting, eval masking,
+batches on a data x fsdp mesh through the train steps, exact and cheap resumption."""
 import contextlib
+import itertools
+import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from unittest import mock
 
 import jax
@@ -9,12 +16,14 @@ import pytest
 import tensorflow_datasets as tfds
 
 import flaxbones.data as fbd
-from flaxbones.data import builtin
+from flaxbones.data import builtin, pipeline, transforms
+from flaxbones.train.sharding import batch_sharding
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 LO = (0 - np.array(MEAN)) / np.array(STD)
 HI = (1 - np.array(MEAN)) / np.array(STD)
 TINY = "flaxbones_shapes/tiny"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -133,11 +142,95 @@ def test_global_arrays_on_a_mesh(shapes_dir):
     assert set(batch) == {"image", "label", "valid"}
     for value in batch.values():
         assert isinstance(value, jax.Array) and value.shape[0] == n
-        assert value.sharding.spec == jax.sharding.PartitionSpec("data")
-    with pytest.raises(ValueError, match="not divisible by the mesh's 'data' axis of size 2"):
-        fbd.classification_pipeline(TINY, batch_size=3, train=True, data_dir=shapes_dir,
-                                    model="resnet18",
-                                    mesh=jax.sharding.AbstractMesh((2,), ("data",)))
+        assert value.sharding == batch_sharding(mesh)
+    with pytest.raises(ValueError, match=r"batch_size 6 is not divisible by the 4 devices"):
+        fbd.classification_pipeline(TINY, batch_size=6, train=True, data_dir=shapes_dir,
+                                    model="resnet18", mesh=jax.sharding.AbstractMesh(
+                                        (2, 2), ("data", "fsdp")))
+
+
+def test_pipelines_feed_fsdp_train_and_eval_steps(shapes_dir):
+    """Train and eval batches on a data x fsdp mesh of 8 devices go through the jitted steps."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "data_worker.py"), shapes_dir],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["specs"] == [out["expected_spec"]] and out["fsdp_params"] > 0
+    assert len(out["losses"]) == 2 and np.isfinite(out["losses"]).all()
+    assert out["eval_pixels"] == 10 * 32 * 32  # the 10 test images, padding left out
+
+
+def train_batches(shapes_dir, hosts, batch_size, start, n, **kwargs):
+    """`n` global training batches from batch `start`: the hosts' parts concatenated."""
+    parts = [list(itertools.islice(fbd.segmentation_pipeline(
+        TINY, batch_size=batch_size, train=True, data_dir=shapes_dir, mean=MEAN, std=STD,
+        shuffle_buffer=5, process_index=host, process_count=hosts, start_batch=start,
+        **kwargs), n)) for host in range(hosts)]
+    return [{k: np.concatenate([part[i][k] for part in parts]) for k in parts[0][i]}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("hosts, cache", [(1, False), (2, True)])
+def test_resumed_stream_equals_uninterrupted(shapes_dir, hosts, cache):
+    """From the start, mid-epoch, an epoch boundary and epochs in: bit-identical batches.
+    24 examples, split over the hosts, in pieces of <= 5; local batches of 5 span epochs."""
+    batch_size = 5 * hosts
+    local, per_host = batch_size // hosts, 24 // hosts
+    boundary = next(s for s in range(1, 100) if s * local % per_host == 0)
+    starts = [0, 1, boundary, 3 * per_host // local + 1]
+    reference = train_batches(shapes_dir, hosts, batch_size, 0, max(starts) + 2)
+    for start in starts:
+        resumed = train_batches(shapes_dir, hosts, batch_size, start, 2, cache=cache)
+        for got, want in zip(resumed, reference[start:]):
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{start=} {k=}")
+
+
+def test_train_stream_is_epochs_of_shuffled_pieces(shapes_dir):
+    """Each host's epoch is its split part, in pieces of consecutive records (shuffled
+    inside, in a new order every epoch); the example at position p gets seed (key, p)."""
+    builder = fbd.load_builder(TINY, shapes_dir)
+    raw = [ex["image"].tobytes() for ex in examples(builder, "train")]
+    keys = set()
+    for host in range(2):
+        pipe = pipeline.build(builder, "train", ("image",),
+                              lambda ex, seed: {"image": ex["image"], "seed": seed},
+                              batch_size=8, train=True, pad_values={}, num_classes=None,
+                              shuffle_buffer=5, process_index=host, process_count=2)
+        batches = list(itertools.islice(pipe, 9))  # 3 epochs of 12 examples, 4 per batch
+        seeds = np.concatenate([b["seed"] for b in batches])
+        np.testing.assert_array_equal(seeds[:, 1], np.arange(36))
+        keys |= set(seeds[:, 0])
+        index = [raw.index(img.tobytes()) for b in batches for img in b["image"]]
+        epochs = [index[i:i + 12] for i in (0, 12, 24)]
+        for epoch in epochs:
+            assert sorted(epoch) == list(range(12 * host, 12 * host + 12))
+            pieces = [sorted(epoch[i:i + 4]) for i in (0, 4, 8)]
+            assert all(p == list(range(p[0], p[0] + 4)) and p[0] % 4 == 0 for p in pieces)
+        assert len({tuple(e) for e in epochs}) == 3
+    assert len(keys) == 2
+
+
+def test_resume_does_not_preprocess_what_it_skips(shapes_dir, monkeypatch):
+    """Resuming 2000 batches (8000 examples) in decodes and augments a few batches only."""
+    import tensorflow as tf  # only after flaxbones.data, which loads triton before it
+
+    calls = tf.Variable(0, dtype=tf.int64)
+    normalize = transforms.normalize
+
+    def counted(image, mean, std):
+        with tf.control_dependencies([calls.assign_add(1)]):
+            return normalize(image, mean, std)
+
+    monkeypatch.setattr(transforms, "normalize", counted)
+    pipe = fbd.classification_pipeline(TINY, batch_size=4, train=True, image_size=16,
+                                       data_dir=shapes_dir, mean=MEAN, std=STD,
+                                       shuffle_buffer=5, start_batch=2000)
+    batches = iter(pipe)
+    next(batches), next(batches)
+    assert 8 <= calls.numpy() <= 100, calls.numpy()  # skipping batches after the map: > 8000
 
 
 @pytest.fixture
@@ -221,5 +314,8 @@ def test_bad_arguments(shapes_dir):
     with pytest.raises(ValueError, match="not divisible by 2 hosts"):
         fbd.segmentation_pipeline(TINY, batch_size=3, train=True, data_dir=shapes_dir,
                                   model="resnet50", process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 1"):
+        fbd.segmentation_pipeline(TINY, batch_size=2, train=True, data_dir=shapes_dir,
+                                  model="resnet50", shuffle_buffer=0)
     with pytest.raises(ValueError, match="no image-level labels"):
         fbd.classification_pipeline("cityscapes", batch_size=2, train=True, model="resnet50")

@@ -13,9 +13,11 @@ Every batch is a dict with a leading batch axis N (global with a mesh, else this
     'valid'         bool (N,)             False for the padding examples that fill the last
                                           eval batches; always True in training
 Evaluation yields every example of the split exactly once over all hosts; weight
-per-example metrics by 'valid' (and skip pixels labelled 255). With `mesh=` (a
-jax.sharding.Mesh with a 'data' axis) the arrays are global jax.Arrays sharded over
-that axis, each host feeding its `tfds.split_for_jax_process` part; without, numpy.
+per-example metrics by 'valid' (and skip pixels labelled 255). With `mesh=` (any
+jax.sharding.Mesh, e.g. `flaxbones.train.make_mesh(fsdp=2)`) the arrays are global
+jax.Arrays with the train steps' batch sharding (split over every mesh axis), each host
+feeding its `tfds.split_for_jax_process` part; without, numpy. A training stream is
+endless and exactly resumable: `start_batch=n` continues after n batches, cheaply.
 
 Datasets: the built-in `flaxbones_shapes` (generated locally on first use) and TFDS
 datasets prepared in a `data_dir` (cifar10/100, imagenette, imagenet2012,

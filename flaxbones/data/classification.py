@@ -14,14 +14,16 @@ def classification_pipeline(name: str = "flaxbones_shapes", split: str | None = 
                             batch_size: int, train: bool, image_size: int = 224,
                             data_dir: str | None = None, model: str | None = None, mean=None,
                             std=None, crop_scale=(0.08, 1.0), crop_fraction: float = 0.875,
-                            mesh=None, data_axis: str = "data", seed: int = 0,
-                            cache: bool = False, shuffle_buffer: int = 10_000,
-                            process_index: int | None = None, process_count: int | None = None,
-                            start_batch: int = 0, spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
+                            mesh=None, seed: int = 0, cache: bool = False,
+                            shuffle_buffer: int = 10_000, process_index: int | None = None,
+                            process_count: int | None = None, start_batch: int = 0,
+                            spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
     """A `Pipeline` of classification batches of TFDS dataset `name` (see module docstring).
 
     `batch_size` is global (all hosts); `split` defaults to the dataset's train or eval
     split; `spec` overrides the feature keys of a dataset flaxbones does not list.
+    Training shuffles within pieces of `shuffle_buffer` records and resumes exactly at
+    `start_batch` without decoding what it skips (`pipeline.build`).
     """
     spec = spec or sources.dataset_spec(name)
     if spec.label_key is None:
@@ -45,7 +47,6 @@ def classification_pipeline(name: str = "flaxbones_shapes", split: str | None = 
     num_classes = builder.info.features[spec.label_key].num_classes
     return pipeline.build(builder, split, (spec.image_key, spec.label_key), preprocess,
                           batch_size=batch_size, train=train, pad_values={},
-                          num_classes=num_classes, mesh=mesh, data_axis=data_axis, seed=seed,
-                          cache=cache, shuffle_buffer=shuffle_buffer,
-                          process_index=process_index, process_count=process_count,
-                          start_batch=start_batch)
+                          num_classes=num_classes, mesh=mesh, seed=seed, cache=cache,
+                          shuffle_buffer=shuffle_buffer, process_index=process_index,
+                          process_count=process_count, start_batch=start_batch)

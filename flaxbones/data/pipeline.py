@@ -1,5 +1,5 @@
-"""Assembly shared by the pipelines: host split, shuffle/repeat or pad-and-mask, batch,
-prefetch, and delivery as numpy batches or global jax.Arrays sharded over a mesh."""
+"""Assembly shared by the pipelines: host split, a resumable shuffled epoch stream or one
+padded eval pass, batch, prefetch, and delivery as numpy batches or global jax.Arrays."""
 import collections
 import dataclasses
 
@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from flaxbones.data import sources
+from flaxbones.train.sharding import batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +18,11 @@ class Pipeline:
     """An iterable of batches (dicts of arrays, leading axis = global batch).
 
     `dataset` holds this host's part of each batch. With a `mesh`, iteration yields
-    global jax.Arrays sharded over `data_axis` (two batches prefetched to devices);
-    without, numpy arrays of this host's part. `num_batches` is the length of one
-    eval pass (every example once, padding marked `valid=False`); a training stream
-    is endless (None). `steps_per_epoch` = examples // global batch.
+    global jax.Arrays sharded as the train steps expect (`train.sharding.batch_sharding`:
+    split over every mesh axis; two batches prefetched to devices); without, numpy
+    arrays of this host's part. `num_batches` is the length of one eval pass (every
+    example once, padding marked `valid=False`); a training stream is endless (None).
+    `steps_per_epoch` = examples // global batch.
     """
 
     dataset: tf.data.Dataset
@@ -29,7 +31,6 @@ class Pipeline:
     num_batches: int | None
     num_classes: int | None
     mesh: Mesh | None = None
-    data_axis: str = "data"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -47,15 +48,15 @@ class Pipeline:
             return
         queue = collections.deque()
         for batch in batches:
-            queue.append(to_global(batch, self.mesh, self.data_axis))
+            queue.append(to_global(batch, self.mesh))
             if len(queue) == 2:
                 yield queue.popleft()
         yield from queue
 
 
-def to_global(batch: dict, mesh: Mesh, data_axis: str = "data") -> dict:
-    """This host's part of a batch -> global jax.Arrays split over `data_axis` of `mesh`."""
-    sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+def to_global(batch: dict, mesh: Mesh) -> dict:
+    """This host's part of a batch -> global jax.Arrays with the train steps' batch sharding."""
+    sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
@@ -79,56 +80,97 @@ def normalization(model=None, mean=None, std=None):
 
 
 def build(builder, split, keys, preprocess, *, batch_size, train, pad_values, num_classes,
-          mesh=None, data_axis="data", seed=0, cache=False, shuffle_buffer=10_000,
-          process_index=None, process_count=None, start_batch=0) -> Pipeline:
+          mesh=None, seed=0, cache=False, shuffle_buffer=10_000, process_index=None,
+          process_count=None, start_batch=0) -> Pipeline:
     """Read features `keys` of this host's part of `split`, map `preprocess(example, seed)`,
     batch. Images stay encoded through cache and shuffle buffer; they are decoded in the map.
 
-    Train: shuffled files and examples, endless repeat, full batches; the stream is a
-    function of `seed` alone, so `start_batch=n` resumes exactly after n batches. Eval: one pass in
-    order, padded with `pad_values`-filled examples (`valid=False`) so that every host
-    yields the same number of full batches and every example appears exactly once.
+    Train: an endless stream of epochs of the host's part, a function of (`seed`, host)
+    alone (and of TF's global seed, if a program sets one); batches run across epoch
+    boundaries as in one continuous stream. The part is
+    cut into pieces of at most `shuffle_buffer` consecutive records (TFDS stores records
+    shuffled, so a piece is a random subset); each epoch visits the pieces in a new
+    random order and fully shuffles each (a piece is one shuffle buffer of undecoded
+    records; up to three are in memory, the next two read ahead). The example at stream
+    position p is augmented with the seed (key, p). So `start_batch=n` resumes exactly
+    after n batches and decodes nothing it skips: whole epochs and pieces are skipped by
+    arithmetic, then at most one piece of records is read and dropped.
+    `cache=True` keeps the undecoded records in memory after their first read.
+    Eval: one pass in order, padded with `pad_values`-filled examples (`valid=False`) so
+    that every host yields the same number of full batches and every example appears once.
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if batch_size % count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {count} hosts")
-    if mesh is not None and batch_size % mesh.shape[data_axis]:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's "
-                         f"{data_axis!r} axis of size {mesh.shape[data_axis]}")
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices "
+                         f"of the mesh (batches are split over all its axes {mesh.axis_names})")
+    if train and shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
     local = batch_size // count
     counts = sources.host_counts(builder, split, count)
-    host_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    host = sources.host_split(split, index, count)
 
     features = builder.info.features
     late = [k for k in keys if isinstance(features[k], tfds.features.Image)]
     decoders = tfds.decode.PartialDecoding(
         dict.fromkeys(keys, True), decoders={k: tfds.decode.SkipDecoding() for k in late})
-    ds = builder.as_dataset(split=sources.host_split(split, index, count), shuffle_files=train,
-                            decoders=decoders, read_config=tfds.ReadConfig(shuffle_seed=host_seed))
+
+    def read(subsplit):
+        ds = builder.as_dataset(split=subsplit, shuffle_files=False, decoders=decoders)
+        return ds.cache() if cache else ds
 
     def prepare(example, seed):
         example = {**example, **{k: features[k].decode_example(example[k]) for k in late}}
         return {**preprocess(example, seed), "valid": tf.constant(True)}
 
-    if cache:
-        ds = ds.cache()
     if train:
-        ds = ds.shuffle(shuffle_buffer, seed=host_seed).repeat()
-        ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=host_seed).batch(2))
+        seeds = np.random.SeedSequence([seed, index]).generate_state(3).astype(np.int64)
+        ds = _stream(read, host, counts[index], shuffle_buffer, seeds, start_batch * local)
         ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
         num_batches = None
     else:
-        ds = ds.map(lambda ex: prepare(ex, None), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = read(host).map(lambda ex: prepare(ex, None), num_parallel_calls=tf.data.AUTOTUNE)
         num_batches = sources.eval_batches(counts, local)
         pad = {k: tf.fill(s.shape, tf.cast(pad_values.get(k, 0), s.dtype))
                for k, s in ds.element_spec.items()}
         pad["valid"] = tf.constant(False)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(
             num_batches * local - counts[index]))
-    ds = ds.batch(local, drop_remainder=True)
-    if train and start_batch:
-        ds = ds.skip(start_batch)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    return Pipeline(ds, batch_size, sum(counts), num_batches, num_classes, mesh, data_axis)
+    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return Pipeline(ds, batch_size, sum(counts), num_batches, num_classes, mesh)
 
+
+def _stream(read, split, num_examples, piece_size, seeds, start):
+    """(record, seed) pairs of `split` from stream position `start` on, epoch after epoch
+    (see `build`). `seeds`: int64 keys of the piece order, the shuffles, the examples."""
+    order_key, shuffle_key, example_key = seeds
+    num_pieces = -(-num_examples // piece_size)
+    pieces = [read(s) for s in tfds.even_splits(split, num_pieces)]
+    sizes = np.array([int(p.cardinality()) for p in pieces])
+
+    def order(epoch):
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(num_pieces, dtype=tf.int64), tf.stack([order_key, epoch]))
+
+    def epoch_pieces(epoch):
+        tagged = [tf.data.Dataset.from_tensors((epoch, tf.constant(i, tf.int64), p))
+                  for i, p in enumerate(pieces)]
+        return tf.data.Dataset.choose_from_datasets(
+            tagged, tf.data.Dataset.from_tensor_slices(order(epoch)))
+
+    epoch, offset = divmod(start, num_examples)
+    ends = np.cumsum(sizes[order(tf.constant(epoch, tf.int64)).numpy()])
+    first = int(np.searchsorted(ends, offset, side="right"))
+    skip = offset - (ends[first - 1] if first else 0)
+
+    def shuffled(k, piece):
+        epoch, i, records = piece
+        records = records.shuffle(int(sizes.max()), seed=shuffle_key + epoch * num_pieces + i)
+        return records.skip(tf.where(k == 0, tf.constant(skip, tf.int64), 0))
+
+    records = (tf.data.Dataset.counter(epoch).flat_map(epoch_pieces).skip(first).enumerate()
+               .interleave(shuffled, cycle_length=1, num_parallel_calls=1, deterministic=True))
+    positions = tf.data.Dataset.counter(start).map(lambda p: tf.stack([example_key, p]))
+    return tf.data.Dataset.zip(records, positions)

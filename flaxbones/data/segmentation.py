@@ -16,15 +16,16 @@ def segmentation_pipeline(name: str = "flaxbones_shapes", split: str | None = No
                           batch_size: int, train: bool, crop_size=None, eval_size=None,
                           scale_range=(0.5, 2.0), data_dir: str | None = None,
                           model: str | None = None, mean=None, std=None, mesh=None,
-                          data_axis: str = "data", seed: int = 0, cache: bool = False,
-                          shuffle_buffer: int = 1_000, process_index: int | None = None,
-                          process_count: int | None = None, start_batch: int = 0,
+                          seed: int = 0, cache: bool = False, shuffle_buffer: int = 1_000,
+                          process_index: int | None = None, process_count: int | None = None,
+                          start_batch: int = 0,
                           spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
     """A `Pipeline` of segmentation batches of TFDS dataset `name` (see module docstring).
 
     `crop_size` / `eval_size` are ints or (h, w); both default to the dataset's image
     size when it is fixed (the built-in dataset, Cityscapes), `eval_size` else to
-    `crop_size`. `batch_size` is global.
+    `crop_size`. `batch_size` is global. Training shuffles within pieces of
+    `shuffle_buffer` records and resumes exactly at `start_batch` (`pipeline.build`).
     """
     spec = spec or sources.dataset_spec(name)
     if spec.segmentation_key is None:
@@ -60,9 +61,9 @@ def segmentation_pipeline(name: str = "flaxbones_shapes", split: str | None = No
     return pipeline.build(builder, split, (spec.image_key, spec.segmentation_key), preprocess,
                           batch_size=batch_size, train=train, pad_values={"segmentation": ignore},
                           num_classes=len(spec.segmentation_classes) or None, mesh=mesh,
-                          data_axis=data_axis, seed=seed, cache=cache,
-                          shuffle_buffer=shuffle_buffer, process_index=process_index,
-                          process_count=process_count, start_batch=start_batch)
+                          seed=seed, cache=cache, shuffle_buffer=shuffle_buffer,
+                          process_index=process_index, process_count=process_count,
+                          start_batch=start_batch)
 
 
 def _pair(size, what):
