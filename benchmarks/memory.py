@@ -1,7 +1,7 @@
 """Peak memory of a train step with and without `train.remat_blocks`.
 
     python -m benchmarks.memory                   # deeplabv3plus_xception65 @512
-    python -m benchmarks.memory --workloads deeplabv3plus_resnet101 resnet50
+    python -m benchmarks.memory --workloads demo deeplabv3plus_resnet101 resnet50
 
 Each variant runs in its own process: XLA's temporary buffer size for the compiled step
 (activations kept for the backward pass live there), the process's peak resident memory

@@ -59,7 +59,8 @@ def run_flax(workload, mode, batch, size, steps, precision, options):
 
     policy = train.Policy.named(precision)
     model = fb.create_model(workload.model, num_classes=workload.num_classes,
-                            **policy.model_kwargs(), **options.get("model_kwargs", {}))
+                            **policy.model_kwargs(),
+                            **{**workload.model_kwargs, **options.get("model_kwargs", {})})
     if options.get("remat"):
         model = train.remat_blocks(model)
     images, labels = _inputs(workload, batch, size, np.random.default_rng(0))
@@ -112,6 +113,9 @@ def run_torch(workload, mode, batch, size, steps, precision, options):
 
     from benchmarks import torch_models
 
+    if workload.reference is None:
+        raise ValueError(f"workload {workload.name!r} has no PyTorch reference; "
+                         "measure it with benchmarks.memory")
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.set_num_threads(os.cpu_count())

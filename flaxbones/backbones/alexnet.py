@@ -1,9 +1,11 @@
 """AlexNet as torchvision builds it (the one-GPU 'one weird trick' variant, 64-192-384-256-256)."""
+from functools import partial
+
 from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, select_features
-from flaxbones.layers import torch_bias_init, torch_default_init
+from flaxbones.layers import Activated, torch_bias_init, torch_default_init
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -19,7 +21,8 @@ class AlexNet(Backbone):
     C4 (conv5, the deepest activation at stride 16) and C5 (pool5), ReLU'd as torch.
 
     Only output_stride 32; inputs of at least 63x63 (torchvision's minimum). Convs have
-    biases and torch's default init; there is no BatchNorm.
+    biases and torch's default init; there is no BatchNorm. Each conv and its ReLU form
+    one `layers.Activated` unit (variables at `convN/`, as the bare conv's).
     """
 
     supported_strides = (32,)
@@ -35,12 +38,12 @@ class AlexNet(Backbone):
     def __call__(self, x, train: bool = False):
         check_images(x, min_size=63)
         info = self.feature_info
-        pool = self.pool_def()
+        pool, unit = self.pool_def(), self.block_def(Activated)
         feats = {}
         for name, width, k, stride, pad in CONVS:
             conv = self.conv_def(use_bias=True, bias_init=torch_bias_init(k * k * x.shape[-1]))
-            x = nn.relu(conv(width, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
-                             name=name)(x))
+            x = unit(partial(conv, width, (k, k), (stride, stride),
+                             padding=((pad, pad), (pad, pad))), name=name)(x)
             if name in TAPS:
                 feats[TAPS[name]] = x
             if name in POOLED:

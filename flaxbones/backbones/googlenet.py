@@ -78,19 +78,20 @@ class GoogLeNet(Backbone):
         check_images(x, min_size=15)
         info = self.feature_info
         conv = partial(ConvNormAct, conv=self.conv_def(), norm=self.norm_def(train))
-        pool = self.pool_def()
+        stem, pool = self.block_def(conv), self.pool_def()
         if self.transform_input:
             mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
             x = x * jnp.asarray(std / 0.5, x.dtype) + jnp.asarray((mean - 0.5) / 0.5, x.dtype)
-        feats = {"C1": conv(64, 7, stride=2, name="conv1")(x)}
+        feats = {"C1": stem(64, 7, stride=2, name="conv1")(x)}
         x = pool(feats["C1"], 3, 2, ceil_mode=True)
-        x = conv(64, 1, name="conv2")(x)
-        feats["C2"] = x = conv(192, 3, name="conv3")(x)
+        x = stem(64, 1, name="conv2")(x)
+        feats["C2"] = x = stem(192, 3, name="conv3")(x)
         x = pool(x, 3, 2, ceil_mode=True)
         for name in INCEPTIONS:
             if name in ("4a", "5a"):
                 x = pool(x, 3 if name == "4a" else 2, 2, ceil_mode=True)
-            x = Inception(INCEPTIONS[name], conv=conv, pool=pool, name=f"inception{name}")(x)
+            x = self.block_def(Inception)(INCEPTIONS[name], conv=conv, pool=pool,
+                                          name=f"inception{name}")(x)
             feats[f"inception{name}"] = x
             if name in LEVEL_OF:
                 feats[LEVEL_OF[name]] = x

@@ -64,14 +64,15 @@ class MobileNetV1(Backbone):
         plans, taps = self._taps
         conv = self.conv_def()
         norm = self.norm_def(train)
+        stem, block = self.block_def(ConvNormAct), self.block_def(DepthwiseSeparable)
         outputs = []
         for (_, channels, name), plan in zip(self._units, plans):
             if name == "stem":
-                x = ConvNormAct(channels, 3, plan.stride, conv=conv, norm=norm, act=nn.relu6,
-                                name=name)(x)
+                x = stem(channels, 3, plan.stride, conv=conv, norm=norm, act=nn.relu6,
+                         name=name)(x)
             else:
-                x = DepthwiseSeparable(channels, plan.stride, plan.first_dilation, conv=conv,
-                                       norm=norm, name=name)(x)
+                x = block(channels, plan.stride, plan.first_dilation, conv=conv, norm=norm,
+                          name=name)(x)
             outputs.append(x)
         return {name: outputs[i] for name, (i, _) in taps.items()}
 

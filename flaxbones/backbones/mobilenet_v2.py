@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
-from flaxbones.layers import (ConvNormAct, InvertedResidual, make_divisible)
+from flaxbones.layers import ConvNormAct, InvertedResidual, make_divisible
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
@@ -55,16 +55,17 @@ class MobileNetV2(Backbone):
         plans, taps = self._taps
         conv = self.conv_def()
         norm = self.norm_def(train)
+        unit, block = self.block_def(ConvNormAct), self.block_def(InvertedResidual)
         outputs = []
         for n, ((_, channels, t), plan) in enumerate(zip(self._units, plans)):
             if t is None:
                 k = 3 if n == 0 else 1
-                x = ConvNormAct(channels, k, plan.stride, conv=conv, norm=norm, act=nn.relu6,
-                                name=f"features_{n}")(x)
+                x = unit(channels, k, plan.stride, conv=conv, norm=norm, act=nn.relu6,
+                         name=f"features_{n}")(x)
             else:
-                x = InvertedResidual(channels, int(round(x.shape[-1] * t)), 3, plan.stride,
-                                     plan.first_dilation, act=nn.relu6, conv=conv, norm=norm,
-                                     name=f"features_{n}")(x)
+                x = block(channels, int(round(x.shape[-1] * t)), 3, plan.stride,
+                          plan.first_dilation, act=nn.relu6, conv=conv, norm=norm,
+                          name=f"features_{n}")(x)
             outputs.append(x)
         return {name: outputs[i] for name, (i, _) in taps.items()}
 

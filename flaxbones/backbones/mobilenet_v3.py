@@ -64,16 +64,17 @@ class MobileNetV3(Backbone):
         plans, channels, taps = self._taps
         conv = self.conv_def()
         norm = self.norm_def(train)
-        x = ConvNormAct(STEM, 3, 2, conv=conv, norm=norm, act=nn.hard_swish, name="features_0")(x)
+        unit, block = self.block_def(ConvNormAct), self.block_def(InvertedResidual)
+        x = unit(STEM, 3, 2, conv=conv, norm=norm, act=nn.hard_swish, name="features_0")(x)
         outputs = [x]
         for n, ((k, expanded, out, se, act, _), plan) in enumerate(zip(self.blocks, plans[1:]), 1):
             se = partial(SqueezeExcite, make_divisible(expanded // 4), gate=nn.hard_sigmoid,
                          conv=conv) if se else None
-            x = InvertedResidual(out, expanded, k, plan.stride, plan.dilation, act=ACTS[act],
-                                 se=se, conv=conv, norm=norm, name=f"features_{n}")(x)
+            x = block(out, expanded, k, plan.stride, plan.dilation, act=ACTS[act], se=se,
+                      conv=conv, norm=norm, name=f"features_{n}")(x)
             outputs.append(x)
-        outputs.append(ConvNormAct(channels[-1], 1, conv=conv, norm=norm, act=nn.hard_swish,
-                                   name=f"features_{len(outputs)}")(x))
+        outputs.append(unit(channels[-1], 1, conv=conv, norm=norm, act=nn.hard_swish,
+                            name=f"features_{len(outputs)}")(x))
         return {name: outputs[i] for name, (i, _) in taps.items()}
 
 

@@ -128,8 +128,8 @@ class ResNet(Backbone):
         plans = self._plans()[2:]
         scanned = self.scan_groups() if self.scan_blocks else {}
         for i, (blocks, planes, plan) in enumerate(zip(self.layers, (64, 128, 256, 512), plans)):
-            block = partial(self.block, planes, groups=self.groups, base_width=self.width_per_group,
-                            conv=conv, norm=norm)
+            block = partial(self.block_def(self.block), planes, groups=self.groups,
+                            base_width=self.width_per_group, conv=conv, norm=norm)
             for j in range(blocks):
                 first, dil = (plan.first_dilation if j == 0 else plan.dilation), plan.dilation
                 if self.multi_grid is not None and i == 3:

@@ -50,12 +50,12 @@ class VGG(Backbone):
         info = self.feature_info
         conv = self.conv_def(use_bias=True)
         norm = self.norm_def(train) if self.batch_norm else None
-        pool = self.pool_def()
+        pool, unit = self.pool_def(), self.block_def(ConvNormAct)
         feats, dilation = {}, 1
         for s, (widths, plan) in enumerate(zip(self.stages, self._plans())):
             for j, width in enumerate(widths):
-                x = ConvNormAct(width, 3, dilation=dilation, conv=conv, norm=norm,
-                                name=f"conv{s + 1}_{j + 1}")(x)
+                x = unit(width, 3, dilation=dilation, conv=conv, norm=norm,
+                         name=f"conv{s + 1}_{j + 1}")(x)
             if s > 0:
                 feats[f"C{s}"] = x
             x = pool(x, 2, 2) if plan.stride == 2 else pool(x, 3, 1, padding=1)

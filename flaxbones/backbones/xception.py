@@ -76,7 +76,7 @@ class Xception(Backbone):
         x = nn.relu(norm(name="bn1")(conv(32, (3, 3), (2, 2), padding="VALID", name="conv1")(x)))
         x = nn.relu(norm(name="bn2")(conv(64, (3, 3), padding="VALID", name="conv2")(x)))
         feats = {"C1": x}
-        block = partial(Block, conv=conv, norm=norm, pool=self.pool_def())
+        block = partial(self.block_def(Block), conv=conv, norm=norm, pool=self.pool_def())
         x = block(128, 2, 2, start_with_relu=False, name="block1")(x)
         feats["C2"] = x
         x = feats["C3"] = block(256, 2, 2, name="block2")(x)

@@ -76,7 +76,7 @@ class XceptionAligned(Backbone):
     padding: str = "torch"
     bn_epsilon: float = option(1e-3)
     scan_blocks: bool = option(False)
-    block: ModuleDef = option(XceptionModule)  # a field, so `train.remat_blocks` can wrap it
+    block: ModuleDef = option(XceptionModule)
 
     @nn.nowrap
     def multi_grid_units(self) -> int:
@@ -119,23 +119,24 @@ class XceptionAligned(Backbone):
         conv = self.conv_def()
         norm = self.norm_def(train)
         layer = dict(padding=self.padding, conv=conv, norm=norm)
-        x = ConvNormAct(32, 3, 2, name="stem_0", **layer)(x)
-        x = ConvNormAct(64, 3, name="stem_1", **layer)(x)
+        stem, block = self.block_def(ConvNormAct), self.block_def(self.block)
+        x = stem(32, 3, 2, name="stem_0", **layer)(x)
+        x = stem(64, 3, name="stem_1", **layer)(x)
         blocks, feats = self._blocks(), {}
         scanned = self.scan_groups().get("blocks_middle", []) if self.scan_blocks else []
         for i, ((chs, nominal), plan) in enumerate(zip(blocks, self._plans()[1:])):
             if f"blocks_{i}" in scanned[1:]:
                 continue
             if scanned and f"blocks_{i}" == scanned[0]:
-                x = scan_repeat(partial(self.block, chs, False, plan.stride,
+                x = scan_repeat(partial(block, chs, False, plan.stride,
                                         plan.first_dilation, **{**layer, "conv": loop_conv(conv)}),
                                 len(scanned), "blocks_middle", tapped=True)(x)
                 continue
             last = i == len(blocks) - 1
             rates = tuple(self.multi_grid) if last and self.multi_grid else (1, 1, 1)
             projection = nominal != 1 or x.shape[-1] != chs[-1]
-            x, tap = self.block(chs, projection, plan.stride, plan.first_dilation, rates,
-                                    start_with_relu=not last, name=f"blocks_{i}", **layer)(x)
+            x, tap = block(chs, projection, plan.stride, plan.first_dilation, rates,
+                           start_with_relu=not last, name=f"blocks_{i}", **layer)(x)
             if nominal > 1:
                 feats[f"C{len(feats) + 1}"] = tap
         feats[f"C{len(feats) + 1}"] = x

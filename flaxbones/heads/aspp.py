@@ -24,7 +24,9 @@ class ASPP(nn.Module):
 
     `pool_first` puts the image-pooling branch first in the concatenation (TF DeepLab);
     `separable` makes the atrous branches depthwise-separable with BN and ReLU after both
-    convs (TF DeepLab's `split_separable_conv2d`, as with Xception).
+    convs (TF DeepLab's `split_separable_conv2d`, as with Xception). `block` and
+    `separable_block` build the branches and projection (a head's `block_def` passes
+    rematerialised ones).
     """
 
     atrous_rates: Sequence[int] = (6, 12, 18)
@@ -35,21 +37,23 @@ class ASPP(nn.Module):
     align_corners: bool = False
     conv: ModuleDef = partial(Conv, use_bias=False)
     norm: ModuleDef = BatchNorm
+    block: ModuleDef = ConvNormAct
+    separable_block: ModuleDef = SeparableConv
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block = dict(conv=self.conv, norm=self.norm)
-        branches = [ConvNormAct(self.features, 1, **block, name="convs_0")(x)]
+        branches = [self.block(self.features, 1, **block, name="convs_0")(x)]
         for i, rate in enumerate(self.atrous_rates, start=1):
             if self.separable:
-                y = SeparableConv(self.features, 3, dilation=rate, act=nn.relu, **block,
-                                  name=f"convs_{i}")(x)
+                y = self.separable_block(self.features, 3, dilation=rate, act=nn.relu, **block,
+                                         name=f"convs_{i}")(x)
             else:
-                y = ConvNormAct(self.features, 3, dilation=rate, **block, name=f"convs_{i}")(x)
+                y = self.block(self.features, 3, dilation=rate, **block, name=f"convs_{i}")(x)
             branches.append(y)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
-        pooled = ConvNormAct(self.features, 1, **block, name="pool")(pooled)
+        pooled = self.block(self.features, 1, **block, name="pool")(pooled)
         pooled = resize_bilinear(pooled, x.shape[1:3], self.align_corners)
         branches = [pooled, *branches] if self.pool_first else [*branches, pooled]
-        y = ConvNormAct(self.features, 1, **block, name="project")(jnp.concatenate(branches, -1))
+        y = self.block(self.features, 1, **block, name="project")(jnp.concatenate(branches, -1))
         return nn.Dropout(self.dropout, deterministic=not train)(y)

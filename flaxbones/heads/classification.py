@@ -177,7 +177,8 @@ class GoogLeNetAux(ConvNormModule):
                              "build with aux_logits=False for pooled features")
         rate = 0.7 if self.drop_rate is None else self.drop_rate
         conv = partial(ConvNormAct, conv=self.conv_def(), norm=self.norm_def(train))
-        aux = partial(InceptionAux, self.num_classes, rate, conv, self.dtype, self.param_dtype)
+        aux = partial(self.block_def(InceptionAux), self.num_classes, rate, conv, self.dtype,
+                      self.param_dtype)
         return {f"aux{i}": aux(name=f"aux{i}")(features[level], train)
                 for i, level in enumerate(self.inputs, 1)}
 

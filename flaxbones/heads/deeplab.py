@@ -19,6 +19,13 @@ STYLES = {
 }
 
 
+def _aspp(head, conv, norm, x, train):
+    """`head`'s ASPP (named `aspp`) on `x`, its branches built by the head's `block_def`."""
+    return ASPP(head.atrous_rates, head.aspp_channels, head.dropout, head.pool_first,
+                head.separable, head.align_corners, conv, norm, head.block_def(ConvNormAct),
+                head.block_def(SeparableConv), name="aspp")(x, train=train)
+
+
 def deeplab_style(style: str, plus: bool = False) -> dict:
     """The head keyword arguments of a DeepLab flavour ('torchvision' or 'tf'), for the
     v3 head or (`plus`) the v3+ head, whose decoder replaces the extra conv."""
@@ -55,11 +62,10 @@ class DeepLabV3Head(SegmentationHead):
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         conv, norm = self.conv_def(), self.norm_def(train)
-        x = ASPP(self.atrous_rates, self.aspp_channels, self.dropout, self.pool_first,
-                 self.separable, self.align_corners, conv, norm, name="aspp")(
-                     features[self.feature], train=train)
+        x = _aspp(self, conv, norm, features[self.feature], train)
         if self.head_conv:
-            x = ConvNormAct(self.aspp_channels, 3, conv=conv, norm=norm, name="conv")(x)
+            x = self.block_def(ConvNormAct)(self.aspp_channels, 3, conv=conv, norm=norm,
+                                            name="conv")(x)
         return self.classifier_def()(name="classifier")(x)
 
     @staticmethod
@@ -101,18 +107,16 @@ class DeepLabV3PlusHead(SegmentationHead):
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         conv, norm = self.conv_def(), self.norm_def(train)
-        x = ASPP(self.atrous_rates, self.aspp_channels, self.dropout, self.pool_first,
-                 self.separable, self.align_corners, conv, norm, name="aspp")(
-                     features[self.feature], train=train)
-        low = ConvNormAct(self.low_level_channels, 1, conv=conv, norm=norm,
-                          name="project_low")(features[self.low_level])
+        unit = self.block_def(ConvNormAct)
+        x = _aspp(self, conv, norm, features[self.feature], train)
+        low = unit(self.low_level_channels, 1, conv=conv, norm=norm,
+                   name="project_low")(features[self.low_level])
         x = resize_bilinear(x, low.shape[1:3], self.align_corners)
         x = jnp.concatenate([x, low], axis=-1)
         for i in range(2):
             if self.separable:
-                x = SeparableConv(self.decoder_channels, 3, act=nn.relu, conv=conv, norm=norm,
-                                  name=f"decoder_{i}")(x)
+                x = self.block_def(SeparableConv)(self.decoder_channels, 3, act=nn.relu,
+                                                  conv=conv, norm=norm, name=f"decoder_{i}")(x)
             else:
-                x = ConvNormAct(self.decoder_channels, 3, conv=conv, norm=norm,
-                                name=f"decoder_{i}")(x)
+                x = unit(self.decoder_channels, 3, conv=conv, norm=norm, name=f"decoder_{i}")(x)
         return self.classifier_def()(name="classifier")(x)

@@ -18,8 +18,8 @@ class FCNHead(SegmentationHead):
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         x = features[self.feature]
-        x = ConvNormAct(x.shape[-1] // 4, 3, conv=self.conv_def(), norm=self.norm_def(train),
-                        name="conv")(x)
+        x = self.block_def(ConvNormAct)(x.shape[-1] // 4, 3, conv=self.conv_def(),
+                                        norm=self.norm_def(train), name="conv")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return self.classifier_def()(name="classifier")(x)
 

@@ -1,6 +1,6 @@
 """Feature Pyramid Network neck (torchvision's layout) and a semantic-FPN head on it."""
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 from flax import linen as nn
 
@@ -27,6 +27,8 @@ class FPN(ConvNormModule):
     Faster R-CNN); `extra='p6p7'` adds P6 = 3x3/2 conv of P5 and P7 = 3x3/2 conv of
     ReLU(P6) (RetinaNet, named `p6`, `p7`). Usable alone as a detection neck.
     Convs have biases and torchvision's FPN init; there is no normalisation.
+    `remat` rematerialises the neck as one unit: its only stored activations are the
+    top-down sums the output convs read, which no per-conv remat could drop.
     """
 
     in_levels: Sequence[str] = ("C2", "C3", "C4", "C5")
@@ -56,19 +58,32 @@ class FPN(ConvNormModule):
     def __call__(self, features: dict):
         if self.extra not in EXTRAS:
             raise ValueError(f"unknown FPN extra {self.extra!r}; choose one of {EXTRAS}")
-        conv = partial(self.conv_def(use_bias=True), self.features)
+        body = self.block_def(_Pyramid)(partial(self.conv_def(use_bias=True), self.features),
+                                        self.extra)
+        nn.share_scope(self, body)
+        return dict(zip(self.out_levels(), body([features[n] for n in self.in_levels])))
+
+
+class _Pyramid(nn.Module):
+    """The FPN's computation on its input levels (finest first), run in the FPN's scope."""
+
+    conv: Callable
+    extra: str | None
+
+    @nn.compact
+    def __call__(self, levels):
         pad = ((1, 1), (1, 1))
         outs, top = [], None
-        for i in reversed(range(len(self.in_levels))):
-            x = conv((1, 1), name=f"lateral_{i}")(features[self.in_levels[i]])
+        for i in reversed(range(len(levels))):
+            x = self.conv((1, 1), name=f"lateral_{i}")(levels[i])
             top = x if top is None else x + resize_nearest(top, x.shape[1:3])
-            outs.insert(0, conv((3, 3), padding=pad, name=f"output_{i}")(top))
+            outs.insert(0, self.conv((3, 3), padding=pad, name=f"output_{i}")(top))
         if self.extra == "pool":
             outs.append(outs[-1][:, ::2, ::2])
         elif self.extra == "p6p7":
-            p6 = conv((3, 3), (2, 2), padding=pad, name="p6")(outs[-1])
-            outs += [p6, conv((3, 3), (2, 2), padding=pad, name="p7")(nn.relu(p6))]
-        return dict(zip(self.out_levels(), outs))
+            p6 = self.conv((3, 3), (2, 2), padding=pad, name="p6")(outs[-1])
+            outs += [p6, self.conv((3, 3), (2, 2), padding=pad, name="p7")(nn.relu(p6))]
+        return outs
 
 
 class SemanticFPNHead(SegmentationHead):
@@ -90,15 +105,15 @@ class SemanticFPNHead(SegmentationHead):
     def __call__(self, features: dict, train: bool = False):
         pyramid = FPN(self.in_levels, self.fpn_channels, dtype=self.dtype,
                       param_dtype=self.param_dtype, cpu_kernels=self.cpu_kernels,
-                      name="fpn")(features)
+                      remat=self.remat, name="fpn")(features)
         maps = [pyramid["P" + n[1:]] for n in self.in_levels]
         norm = partial(nn.GroupNorm, num_groups=self.groups, epsilon=1e-5, dtype=self.dtype,
                        param_dtype=self.param_dtype)
-        conv = self.conv_def()
+        conv, unit = self.conv_def(), self.block_def(ConvNormAct)
         total = 0
         for i, x in enumerate(maps):
             for j in range(max(i, 1)):
-                x = ConvNormAct(self.channels, 3, conv=conv, norm=norm, name=f"scale{i}_{j}")(x)
+                x = unit(self.channels, 3, conv=conv, norm=norm, name=f"scale{i}_{j}")(x)
                 if i > 0:
                     x = resize_bilinear(x, maps[i - 1 - j].shape[1:3])
             total = total + x

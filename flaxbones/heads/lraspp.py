@@ -23,8 +23,8 @@ class LRASPPHead(SegmentationHead):
     def __call__(self, features: dict, train: bool = False):
         low, high = features[self.low], features[self.high]
         conv = self.conv_def()
-        x = ConvNormAct(self.inter_channels, 1, conv=conv, norm=self.norm_def(train),
-                        name="cbr")(high)
+        x = self.block_def(ConvNormAct)(self.inter_channels, 1, conv=conv,
+                                        norm=self.norm_def(train), name="cbr")(high)
         pooled = jnp.mean(high.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(high.dtype)
         x = x * nn.sigmoid(conv(self.inter_channels, (1, 1), name="scale")(pooled))
         x = resize_bilinear(x, low.shape[1:3])

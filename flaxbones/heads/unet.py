@@ -26,6 +26,7 @@ class UNetHead(SegmentationHead):
             raise ValueError(f"U-Net needs one decoder width per level: {len(self.in_levels)} "
                              f"levels {tuple(self.in_levels)}, got {tuple(self.decoder_channels)}")
         block = dict(conv=self.conv_def(), norm=self.norm_def(train))
+        unit = self.block_def(ConvNormAct)
         skips = [features[n] for n in reversed(self.in_levels)]
         x = skips[0]
         for i, width in enumerate(self.decoder_channels):
@@ -34,7 +35,7 @@ class UNetHead(SegmentationHead):
                 x = jnp.concatenate([resize_nearest(x, skip.shape[1:3]), skip], axis=-1)
             else:
                 x = resize_nearest(x, (2 * x.shape[1], 2 * x.shape[2]))
-            x = ConvNormAct(width, 3, **block, name=f"block{i}_0")(x)
-            x = ConvNormAct(width, 3, **block, name=f"block{i}_1")(x)
+            x = unit(width, 3, **block, name=f"block{i}_0")(x)
+            x = unit(width, 3, **block, name=f"block{i}_1")(x)
         classifier = self.classifier_def(kernel_size=(3, 3), padding=((1, 1), (1, 1)))
         return classifier(name="classifier")(x)

@@ -42,3 +42,17 @@ class ConvNormAct(nn.Module):
         if self.act is not None:
             x = self.act(x)
         return x
+
+
+class Activated(nn.Module):
+    """`layer()` (a constructor, e.g. a conv) then `act`, the layer's variables held in
+    this module's own scope: the paths of the bare layer, as one unit remat can wrap."""
+
+    layer: ModuleDef
+    act: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        layer = self.layer()
+        nn.share_scope(self, layer)
+        return self.act(layer(x))

@@ -6,10 +6,16 @@ into the original one and the memory is not saved (a 20-block chain: 324 MiB pla
 400 MiB with jax.checkpoint). `tied_checkpoint` instead recomputes inside a custom VJP
 whose inputs depend on the incoming cotangent (`x + 0 * ct[0]`), which no backend can
 hoist or merge: 96 MiB on that chain, the same gradients on every backend. Used per block
-by `train.remat_blocks` and per op by the CPU depthwise convolution.
+(`remat_module`, lifted over Flax variables and RNGs) by `ConvNormModule.block_def` when
+a model's `remat` is set; the CPU depthwise convolution's backward ties its inputs alike.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.core import lift
 
 
 def _first_inexact(tree):
@@ -51,3 +57,45 @@ def _tied(pure, tied):
 
     wrapped.defvjp(forward, backward)
     return wrapped
+
+
+def _lifted_checkpoint(fn, policy=None, variables=True, rngs=True):
+    """Flax's lifted `checkpoint` around `tied_checkpoint` (`policy` None) or
+    `jax.checkpoint(policy=...)`: variables (BatchNorm statistics included) and RNGs flow
+    through unchanged; arguments that are not arrays (a `train` flag) stay static."""
+
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+
+        def rematted(variable_groups, rng_groups, *arrays):
+            it = iter(arrays)
+            call_args, call_kwargs = treedef.unflatten(
+                [next(it) if a else leaf for a, leaf in zip(is_array, leaves)])
+            scope = scope_fn(variable_groups, rng_groups)
+            return fn(scope, *call_args, **call_kwargs), repack_fn(scope)
+
+        arrays = [leaf for a, leaf in zip(is_array, leaves) if a]
+        if policy is None:
+            rematted = tied_checkpoint(rematted, range(2, 2 + len(arrays)))
+        else:
+            rematted = jax.checkpoint(rematted, policy=policy, prevent_cse=True)
+        return rematted(variable_groups, rng_groups, *arrays)
+
+    return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat",
+                     enable_kwargs=True)
+
+
+@functools.cache
+def _remat_class(target, policy):
+    return nn.transforms.lift_transform(_lifted_checkpoint, target, policy=policy)
+
+
+def remat_module(block, policy=None):
+    """`block` (a Module class, or a `functools.partial` of one) whose `__call__` keeps
+    only its inputs and recomputes itself backwards: with `tied_checkpoint`, or with
+    `jax.checkpoint` under a `jax.checkpoint_policies` `policy` (undone on XLA:CPU).
+    Variable paths, RNG streams and BatchNorm updates are those of `block`."""
+    if isinstance(block, functools.partial):
+        return functools.partial(remat_module(block.func, policy), *block.args, **block.keywords)
+    return _remat_class(block, policy)

@@ -5,61 +5,54 @@ activations on XLA:CPU) lifted over Flax variables and RNGs.
 import dataclasses
 import functools
 
-import jax
-import numpy as np
 from flax import linen as nn
-from flax.core import lift
 
-from flaxbones.layers.tied import tied_checkpoint
+from flaxbones.heads.classification import ClassifierHead, FCHead, MobileNetV3Head
+from flaxbones.layers.module import ConvNormModule
+from flaxbones.layers.tied import remat_module
 
+tied_remat = functools.partial(remat_module, policy=None)
 
-def _lifted_tied_checkpoint(fn, variables=True, rngs=True):
-    """Flax's lifted `checkpoint` with `tied_checkpoint` in place of `jax.checkpoint`:
-    variables (BatchNorm statistics included) and RNGs flow through unchanged; arguments
-    that are not arrays (a `train` flag) are static."""
-
-    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
-        leaves, treedef = jax.tree.flatten(args)
-        is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
-
-        def rematted(variable_groups, rng_groups, *arrays):
-            it = iter(arrays)
-            call_args = treedef.unflatten([next(it) if a else leaf
-                                           for a, leaf in zip(is_array, leaves)])
-            scope = scope_fn(variable_groups, rng_groups)
-            y = fn(scope, *call_args, **kwargs)
-            return y, repack_fn(scope)
-
-        arrays = [leaf for a, leaf in zip(is_array, leaves) if a]
-        activations = range(2, 2 + len(arrays))
-        return tied_checkpoint(rematted, activations)(variable_groups, rng_groups, *arrays)
-
-    return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat",
-                     enable_kwargs=True)
-
-
-def tied_remat(target: type[nn.Module]) -> type[nn.Module]:
-    """A Module class whose `__call__` is rematerialised with `tied_checkpoint`."""
-    return nn.transforms.lift_transform(_lifted_tied_checkpoint, target)
+DENSE_HEADS = (ClassifierHead, FCHead, MobileNetV3Head)
 
 
 def remat_blocks(module: nn.Module, policy=None) -> nn.Module:
-    """A clone of `module` whose block classes (fields holding a Module class, such as
-    ResNet's `block`) are rematerialised, recursing into sub-module fields. Variable
-    paths are unchanged, so checkpoints and weights still load.
+    """A clone of `module` whose blocks keep only their inputs and recompute the rest in
+    the backward pass; outputs, gradients, BatchNorm statistics, dropout masks and
+    variable paths (so checkpoints and weight files) are unchanged.
 
-    With `policy=None` every block keeps only its inputs (`tied_remat`: effective on
-    every backend, CPU included). A `jax.checkpoint_policies` policy uses `nn.remat`
-    instead, for what the policy saves; XLA:CPU undoes that remat (see the module).
+    Every `layers.ConvNormModule` in the tree (backbones, segmentation heads, GoogLeNet's
+    aux head, FPN) is cloned with `remat` set, so it builds each block through
+    `block_def`; composition modules (Classifier, Segmenter) are recursed into through
+    their Module fields; another module's Module-class fields (an injected `block`) are
+    wrapped. Left alone: the pool-then-dense classification heads (`DENSE_HEADS`:
+    ClassifierHead, FCHead, MobileNetV3Head), whose activations are per-image vectors,
+    nothing beside the feature maps. Any other module raises a ValueError naming it
+    rather than being silently kept whole.
+
+    With `policy=None` blocks use `tied_checkpoint` (effective on every backend, CPU
+    included). A `jax.checkpoint_policies` policy uses `jax.checkpoint` instead, for what
+    the policy saves; XLA:CPU undoes that remat (see `layers.tied`).
     """
-    wrap = tied_remat if policy is None else functools.partial(nn.remat, policy=policy)
-    changes = {}
+    return _remat(module, True if policy is None else policy, type(module).__name__)
+
+
+def _remat(module: nn.Module, mode, where: str) -> nn.Module:
+    if isinstance(module, DENSE_HEADS):
+        return module
+    changes = {"remat": mode} if isinstance(module, ConvNormModule) else {}
     for field in dataclasses.fields(module):
-        if field.name in ("parent", "name"):
+        value = getattr(module, field.name, None)
+        if field.name in ("parent", "name") or value is None:
             continue
-        value = getattr(module, field.name)
-        if isinstance(value, type) and issubclass(value, nn.Module):
-            changes[field.name] = wrap(value)
-        elif isinstance(value, nn.Module):
-            changes[field.name] = remat_blocks(value, policy)
+        if isinstance(value, nn.Module):
+            changes[field.name] = _remat(value, mode, f"{where}.{field.name}")
+        elif (isinstance(value, type) and issubclass(value, nn.Module)
+              and not isinstance(module, ConvNormModule)):
+            changes[field.name] = remat_module(value, None if mode is True else mode)
+    if not changes:
+        raise ValueError(
+            f"train.remat_blocks cannot rematerialise {where} ({type(module).__name__}): it is "
+            "not a layers.ConvNormModule (whose block_def wraps its blocks) and has no Module "
+            "or Module-class field to wrap; build it on ConvNormModule or remat it yourself")
     return module.clone(**changes)
