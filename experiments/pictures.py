@@ -1,4 +1,10 @@
-"""PNGs people would rather look at than read: curves, overlays, confusion matrices."""
+"""PNGs people would rather look at than read: curves, segmentation maps, confusion matrices.
+
+Class maps are drawn opaque in one fixed colour per class, the very colours of the legend's
+swatches, so a class reads the same in the ground truth, the prediction and the legend;
+ignored pixels (label 255: void, padding) are white, a colour no class uses, inside a
+grey frame that every panel has.
+"""
 import json
 import pathlib
 
@@ -8,102 +14,140 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# Sasha Trubetskoy's 20 distinct colours, black first (class 0), grey for his near-white beige.
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
                     [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255],
-                    [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195],
+                    [170, 110, 40], [128, 128, 128], [128, 0, 0], [170, 255, 195],
                     [128, 128, 0], [255, 215, 180], [0, 0, 128]], np.uint8)
+IGNORE_LABEL = 255
 IGNORE_COLOUR = np.array([255, 255, 255], np.uint8)
 
 
-def colourize(mask, ignore_label=255):
-    """(H, W) class ids -> (H, W, 3) uint8, ignored pixels white."""
+def colour(k: int) -> np.ndarray:
+    """The RGB uint8 colour of class `k` (or of IGNORE_LABEL)."""
+    return IGNORE_COLOUR if k == IGNORE_LABEL else PALETTE[k % len(PALETTE)]
+
+
+def colourize(mask) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 in the legend's colours, ignored pixels white."""
     mask = np.asarray(mask)
-    out = PALETTE[np.where(mask == ignore_label, 0, mask) % len(PALETTE)]
-    out[mask == ignore_label] = IGNORE_COLOUR
+    out = PALETTE[np.where(mask == IGNORE_LABEL, 0, mask) % len(PALETTE)]
+    out[mask == IGNORE_LABEL] = IGNORE_COLOUR
     return out
 
 
-def denormalize(image, mean, std):
-    """A normalised float image back to uint8 for display."""
+def denormalize(image, mean, std) -> np.ndarray:
+    """Normalised float images back to uint8 for display."""
     return np.clip((np.asarray(image) * np.asarray(std) + np.asarray(mean)) * 255, 0, 255).astype(np.uint8)
 
 
-def save_overlays(path, images, truths, preds, mean, std, class_names=None, alpha=0.5):
-    """One row per example: image | ground truth over image | prediction over image.
-    `truths` may be None (prediction without labels)."""
+def save_overlays(path, images, truths, preds, class_names=None, panel_inches=2.2):
+    """One row per example: the image with the predicted regions outlined | ground truth |
+    prediction, both class maps opaque; a legend names every colour drawn.
+
+    `images` uint8 (N, H, W, 3); `truths` (N, H, W) class ids with IGNORE_LABEL, or None
+    (prediction without labels); `preds` (N, H, W) class ids.
+    """
     columns = 2 if truths is None else 3
-    fig, axes = plt.subplots(len(images), columns, figsize=(2.2 * columns, 2.2 * len(images)),
-                             squeeze=False)
+    height, width = np.shape(images)[1:3]
+    fig, axes = plt.subplots(len(images), columns, squeeze=False, layout="constrained",
+                             figsize=(panel_inches * columns,
+                                      panel_inches * height / width * len(images) + 0.6))
     for row, (image, pred) in enumerate(zip(images, preds)):
-        picture = denormalize(image, mean, std)
-        panels = [("image", picture)]
+        panels = [("image, prediction outlined", image)]
         if truths is not None:
-            panels.append(("ground truth", _blend(picture, truths[row], alpha)))
-        panels.append(("prediction", _blend(picture, pred, alpha)))
+            panels.append(("ground truth", colourize(truths[row])))
+        panels.append(("prediction", colourize(pred)))
         for ax, (title, panel) in zip(axes[row], panels):
-            ax.imshow(panel)
-            ax.set_axis_off()
+            ax.imshow(panel, interpolation="antialiased" if panel is image else "nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("0.6")
             if row == 0:
                 ax.set_title(title, fontsize=9)
-    if class_names:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=PALETTE[i % len(PALETTE)] / 255)
-                   for i in range(len(class_names))]
-        fig.legend(handles, class_names, loc="lower center", ncol=min(len(class_names), 5),
-                   fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 if class_names else 0, 1, 1))
+        outline(axes[row][0], pred)
+    entries = legend_entries([m for m in (truths, preds) if m is not None], class_names)
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=rgb / 255, edgecolor="0.5", linewidth=0.5)
+               for _, rgb in entries]
+    fig.legend(handles, [name for name, _ in entries], loc="outside lower center", fontsize=8,
+               frameon=False, ncol=min(len(entries), max(2, int(panel_inches * columns / 1.2))),
+               handlelength=1.2, columnspacing=1.0)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _blend(image, mask, alpha):
-    """Colour the labelled pixels of `image`; background (class 0) shows through."""
+def legend_entries(masks, class_names=None) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB uint8 colour) of every value in `masks`: class names where known, else
+    'class k'; 'ignored' for IGNORE_LABEL."""
+    drawn = np.unique(np.concatenate([np.ravel(m) for m in masks]))
+    return [("ignored" if k == IGNORE_LABEL else class_names[k]
+             if class_names and k < len(class_names) else f"class {k}", colour(int(k)))
+            for k in drawn]
+
+
+def outline(ax, mask):
+    """Thin contours of every class region of `mask`, in its class colour, on `ax`."""
     mask = np.asarray(mask)
-    weight = np.where(mask == 0, 0.0, alpha)[..., None]
-    return (image * (1 - weight) + colourize(mask) * weight).astype(np.uint8)
+    limits = ax.get_xlim(), ax.get_ylim()
+    for k in np.unique(mask):
+        ax.contour((mask == k).astype(np.float32), levels=[0.5], colors=[colour(int(k)) / 255],
+                   linewidths=1.2)
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])
 
 
 def plot_curves(metrics_log, path):
-    """Train loss and every eval metric against the step, from the JSON-lines metrics log."""
+    """Train and eval loss, and every eval metric, against the step (JSON-lines metrics log);
+    metrics within [0, 1] (accuracy, mIoU) on a fixed 0-1 axis, so runs compare at a glance."""
     rows = [json.loads(line) for line in pathlib.Path(metrics_log).read_text().splitlines() if line]
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
     eval_keys = sorted({k for r in evals for k, v in r.items()
                         if k not in ("step", "split", "loss") and isinstance(v, (int, float))})
-    fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4 * (1 + len(eval_keys)), 3), squeeze=False)
+    fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4 * (1 + len(eval_keys)), 3),
+                             squeeze=False, sharex=True, layout="constrained")
     ax = axes[0][0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], ".-", label="train")
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
     ax.set_title("loss")
-    ax.set_xlabel("step")
     ax.legend()
     for ax, key in zip(axes[0][1:], eval_keys):
-        ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-")
+        values = [r[key] for r in evals if key in r]
+        ax.plot([r["step"] for r in evals if key in r], values, "o-")
         ax.set_title(f"eval {key}")
+        if 0 <= min(values) and max(values) <= 1:
+            ax.set_ylim(0, 1.02)
+    for ax in axes[0]:
         ax.set_xlabel("step")
-    fig.tight_layout()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_confusion(cm, class_names, path):
-    """A row-normalised confusion matrix (rows: truth, columns: prediction)."""
+def plot_confusion(cm, class_names, path, max_labelled=30):
+    """A row-normalised confusion matrix (rows: truth, columns: prediction). Past
+    `max_labelled` classes the figure stops growing and drops tick labels and values."""
     cm = np.asarray(cm, np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(cm)
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * n, 1 + 0.5 * n))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    names = class_names or [str(i) for i in range(n)]
-    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), names, fontsize=7)
+    side = 2 + 0.45 * n if n <= max_labelled else 9
+    fig, ax = plt.subplots(figsize=(side + 1, side), layout="constrained")
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    if n <= max_labelled:
+        names = class_names or [str(i) for i in range(n)]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), names, fontsize=8)
+        for i, j in zip(*np.nonzero(cm)):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    fig.tight_layout()
+    ax.set_title(f"{int(cm.sum())} examples, accuracy {np.trace(cm) / max(cm.sum(), 1):.3f}",
+                 fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)

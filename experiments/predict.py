@@ -1,26 +1,51 @@
-"""Predict with a trained checkpoint: overlay PNGs (segmentation) or top-k labels.
+"""Predict with a trained checkpoint: top-k classes (named when the dataset names them),
+or overlay PNGs of a segmentation.
 
     python experiments/predict.py --checkpoint=workdir/demo/checkpoints --output=preds \
         image1.png image2.jpg
-The model, its kwargs and the normalisation come from the checkpoint's metadata.
+
+The model, its kwargs, the normalisation and the input size come from the checkpoint's
+metadata (train.py's config). Images of any size are brought to that one input size, so a
+single compiled function serves them all:
+- a classifier sees torchvision's evaluation transform: the shorter side resized to
+  image_size / 0.875 with antialiasing, then the central image_size crop;
+- a segmenter sees the image scaled (down or up, aspect kept) to fit the eval size and
+  padded to it; its prediction is cropped back and resized (nearest) to the image's own
+  size, so masks and overlays match the original image.
 """
+import dataclasses
 import os
 import pathlib
 import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.join(HERE, "configs")]
 import pictures  # noqa: E402
+from common import pair  # noqa: E402
 
 import flaxbones as fb  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A train.py workdir's checkpoints/ directory.")
 _OUTPUT = flags.DEFINE_string("output", "predictions", "Where overlay PNGs are written.")
-_TOPK = flags.DEFINE_integer("topk", 5, "How many labels to print for a classifier.")
+_TOPK = flags.DEFINE_integer("topk", 5, "How many classes to print for a classifier.")
+
+CROP_FRACTION = 0.875
+
+
+@dataclasses.dataclass
+class Prediction:
+    """A classifier's `top` [(class name, or index when the dataset has no names,
+    probability)], or a segmenter's `mask` (H, W) class ids at the image's size and the
+    `overlay` PNG that shows it."""
+
+    path: str
+    top: list | None = None
+    mask: np.ndarray | None = None
+    overlay: pathlib.Path | None = None
 
 
 def read_image(path) -> np.ndarray:
@@ -33,39 +58,102 @@ def read_image(path) -> np.ndarray:
         raise ValueError(f"cannot decode {path} as an image: {e}") from e
 
 
+def resize(image, hw) -> np.ndarray:
+    """Bilinear resize of a uint8 image to (h, w); PIL antialiases when it shrinks."""
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+
+
+def center_crop(image, size: int) -> np.ndarray:
+    """torchvision's eval transform, Resize(round(size / 0.875)) then CenterCrop(size)."""
+    h, w = image.shape[:2]
+    short = round(size / CROP_FRACTION)
+    hw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    image = resize(image, hw)
+    top, left = (int(round((n - size) / 2.0)) for n in hw)
+    return image[top:top + size, left:left + size]
+
+
+def fit(image, size) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image scaled to fit in `size` (h, w), aspect kept, and the (h, w) it got."""
+    h, w = image.shape[:2]
+    scale = min(size[0] / h, size[1] / w)
+    hw = (min(size[0], max(1, round(h * scale))), min(size[1], max(1, round(w * scale))))
+    return resize(image, hw), hw
+
+
+def nearest(mask, hw) -> np.ndarray:
+    """Nearest-neighbour resize of a class map to (h, w), sampling at pixel centres."""
+    rows, cols = ((np.arange(n) + 0.5) * mask.shape[i] / n for i, n in enumerate(hw))
+    return mask[rows.astype(int)][:, cols.astype(int)]
+
+
 def load(checkpoint):
-    """(model, variables, saved config) from a checkpoint directory."""
+    """(model, variables, saved config) from a checkpoint directory written by train.py."""
     from flaxbones.train.checkpoint import Checkpoints
     with Checkpoints(checkpoint) as ckpt:
         meta = ckpt.read_meta()
+    if not meta.get("config"):
+        raise ValueError(f"{checkpoint} has no experiment config in its metadata; "
+                         "predict.py reads the checkpoints of experiments/train.py")
     variables = fb.load_pretrained(None, checkpoint)
     model = fb.create_model(meta["model"], **meta.get("model_kwargs", {}))
-    return model, variables, meta.get("config", {})
+    return model, variables, meta["config"]
 
 
-def predict(checkpoint, paths, output, topk=5):
-    """Overlays written to `output` (segmentation) or [(path, [(class, prob), ...])]."""
+def class_names(config, num_classes: int):
+    """The dataset's names of the model's classes, or None when it has none."""
+    import tensorflow_datasets as tfds
+
+    import flaxbones.data as fbd
+    spec = fbd.sources.dataset_spec(config["dataset"])
+    names = spec.segmentation_classes
+    if config["task"] != "segmentation":
+        try:  # the builder's code knows the label names even where no data is prepared
+            builder = tfds.builder(config["dataset"], data_dir=config.get("data_dir") or None)
+            names = getattr(builder.info.features[spec.label_key], "names", None)
+        except (tfds.core.registered.DatasetNotFoundError, KeyError):
+            names = None
+    return list(names) if names and len(names) == num_classes else None
+
+
+def predict(checkpoint, paths, output, topk=5) -> list[Prediction]:
+    """Top-k classes (classifier) or masks and overlay PNGs in `output` (segmenter)."""
     import flaxbones.data as fbd
     model, variables, config = load(checkpoint)
-    mean, std = fbd.normalization(model=config.get("normalize_like") or None)
+    mean, std = (np.asarray(v, np.float32)
+                 for v in fbd.normalization(model=config["normalize_like"]))
+    names = class_names(config, config["num_classes"])
+    segmenter = config["task"] == "segmentation"
     images = [read_image(p) for p in paths]  # decode all first: a bad file fails before any work
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def forward(variables, images):
+        out = model.apply(variables, images, train=False)["out"]
+        return out.argmax(-1) if segmenter else jax.nn.softmax(out.astype(np.float32))
+    forward = jax.jit(forward)
+
+    def normalize(image):
+        return (image / np.float32(255) - mean) / std
+
     results = []
-    spec = fbd.sources.dataset_spec(config.get("dataset", ""))
     for path, image in zip(paths, images):
-        x = ((image / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)[None]
-        out = apply(variables, x)
-        if isinstance(out, dict):
-            pred = np.asarray(out["out"])[0].argmax(-1)
-            pathlib.Path(output).mkdir(parents=True, exist_ok=True)
-            target = pathlib.Path(output) / (pathlib.Path(path).stem + "_overlay.png")
-            pictures.save_overlays(target, x, None, pred[None], mean, std,
-                                   list(spec.segmentation_classes) or None)
-            results.append((path, target))
-        else:
-            probs = np.asarray(jax.nn.softmax(out[0]))
+        if not segmenter:
+            crop = center_crop(image, pair(config["image_size"], "image_size")[0])
+            probs = np.asarray(forward(variables, normalize(crop)[None]))[0]
             best = np.argsort(-probs)[:topk]
-            results.append((path, [(int(k), float(probs[k])) for k in best]))
+            results.append(Prediction(path, top=[(names[k] if names else int(k), float(probs[k]))
+                                                 for k in best]))
+            continue
+        size = pair(config["eval_size"], "eval_size")
+        scaled, hw = fit(image, size)
+        canvas = np.zeros((1, *size, 3), np.float32)  # 0 = the mean colour, as in training
+        canvas[0, :hw[0], :hw[1]] = normalize(scaled)
+        mask = nearest(np.asarray(forward(variables, canvas))[0, :hw[0], :hw[1]], image.shape[:2])
+        pathlib.Path(output).mkdir(parents=True, exist_ok=True)
+        target = pathlib.Path(output) / (pathlib.Path(path).stem + "_overlay.png")
+        pictures.save_overlays(target, image[None], None, mask[None], names,
+                               panel_inches=float(np.clip(image.shape[1] / 100, 3, 8)))
+        results.append(Prediction(path, mask=mask, overlay=target))
     return results
 
 
@@ -75,11 +163,13 @@ def main(argv):
         raise app.UsageError("give one or more image files")
     if _CHECKPOINT.value is None:
         raise app.UsageError("--checkpoint is required")
-    for path, result in predict(_CHECKPOINT.value, paths, _OUTPUT.value, _TOPK.value):
-        if isinstance(result, list):
-            print(path + ": " + ", ".join(f"class {k} {p:.3f}" for k, p in result))
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every file at INFO
+    for p in predict(_CHECKPOINT.value, paths, _OUTPUT.value, _TOPK.value):
+        if p.top is not None:
+            print(p.path + ": " + ", ".join(
+                f"{k if isinstance(k, str) else f'class {k}'} {prob:.3f}" for k, prob in p.top))
         else:
-            print(f"{path}: overlay written to {result}")
+            print(f"{p.path}: overlay written to {p.overlay}")
 
 
 if __name__ == "__main__":

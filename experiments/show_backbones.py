@@ -45,7 +45,7 @@ def main():
     model = fb.create_model(name, num_classes=10)
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 97, 131, 3))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-    logits = jax.jit(model.apply)(variables, images)
+    logits = jax.jit(model.apply)(variables, images)["out"]
     print(f"\n{name} classifier on 2x97x131x3 images -> logits {logits.shape}, "
           f"finite: {bool(jnp.isfinite(logits).all())}")
 

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "configs")]  # pictures.py; configs import `common`
 import pictures  # noqa: E402
+from common import pair  # noqa: E402
 
 import flaxbones as fb  # noqa: E402
 import flaxbones.data as fbd  # noqa: E402
@@ -50,6 +51,14 @@ def build_task(config):
     raise ValueError(f"config.task must be 'segmentation' or 'classification', got {config.task!r}")
 
 
+def build_optimizer(config):
+    """config.optimizer as it is, a cosine schedule decaying over config.num_steps."""
+    options = config.optimizer.to_dict()
+    if options.get("schedule") == "cosine":
+        options.setdefault("total_steps", config.num_steps)
+    return ft.make_optimizer(**options)
+
+
 def build_data(config, mesh, train: bool, start_batch: int = 0):
     """The train (endless, resumable at `start_batch`) or eval (one exact pass) pipeline."""
     mean, std = fbd.normalization(model=config.normalize_like)
@@ -58,10 +67,15 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
     if train:
         common["start_batch"] = start_batch
     if config.task == "segmentation":
-        size = dict(crop_size=config.crop_size) if train else dict(eval_size=config.eval_size)
+        size = (dict(crop_size=pair(config.crop_size, "config.crop_size")) if train
+                else dict(eval_size=pair(config.eval_size, "config.eval_size")))
         return fbd.segmentation_pipeline(config.dataset, scale_range=tuple(config.scale_range),
                                          **size, **common)
-    return fbd.classification_pipeline(config.dataset, image_size=config.image_size, **common)
+    side, other = pair(config.image_size, "config.image_size")
+    if side != other:
+        raise ValueError(f"classifiers train on square crops; config.image_size is "
+                         f"{config.image_size}")
+    return fbd.classification_pipeline(config.dataset, image_size=side, **common)
 
 
 def add(total, sums):
@@ -123,7 +137,7 @@ def warm_start(state, source, source_model):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if pathlib.Path(source).is_dir():
         merged, report = transfer(source, variables, subtrees=("backbone",))
-        loaded, kept = len(report.loaded), len(report.kept)
+        loaded, kept = len(report.loaded), len(report.skipped)
     else:
         if not source_model:
             raise ValueError("init_from is a weight file: set init_from_model to the "
@@ -147,12 +161,11 @@ def save_pictures(config, model, state, eval_data, workdir):
     out = pathlib.Path(workdir) / "pictures"
     mean, std = fbd.normalization(model=config.normalize_like)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    predict = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    predict = jax.jit(lambda v, x: model.apply(v, x, train=False)["out"].argmax(-1))
 
     def gathered(batch):
-        outputs = predict(variables, batch["image"])
-        logits = outputs["out"] if isinstance(outputs, dict) else outputs
-        return multihost_utils.process_allgather((batch, logits.argmax(-1)), tiled=True)
+        preds = predict(variables, batch["image"])
+        return multihost_utils.process_allgather((batch, preds), tiled=True)
 
     main = jax.process_index() == 0
     if main:
@@ -163,8 +176,9 @@ def save_pictures(config, model, state, eval_data, workdir):
         keep = np.flatnonzero(batch["valid"])[:config.num_pictures]
         classes = list(fbd.sources.dataset_spec(config.dataset).segmentation_classes) or None
         if main:
-            pictures.save_overlays(out / "overlays.png", batch["image"][keep],
-                                   batch["segmentation"][keep], preds[keep], mean, std, classes)
+            images = pictures.denormalize(batch["image"][keep], mean, std)
+            pictures.save_overlays(out / "overlays.png", images, batch["segmentation"][keep],
+                                   preds[keep], classes)
         return [out / "curves.png", out / "overlays.png"]
     cm = np.zeros((config.num_classes,) * 2, np.int64)
     for batch in eval_data:
@@ -191,9 +205,9 @@ def train_and_evaluate(config, workdir):
     mesh = ft.make_mesh()
     model, policy = build_model(config)
     task = build_task(config)
-    tx = ft.make_optimizer(**config.optimizer.to_dict(), total_steps=config.num_steps)
+    tx = build_optimizer(config)
     size = config.crop_size if config.task == "segmentation" else config.image_size
-    input_shape = (1, size, size, 3)
+    input_shape = (1, *pair(size), 3)
     shardings = ft.state_shardings(model, tx, input_shape, mesh, policy=policy)
     meta = {"model": config.model, "model_kwargs": {"num_classes": config.num_classes,
                                                      **config.model_kwargs.to_dict()},
@@ -204,7 +218,8 @@ def train_and_evaluate(config, workdir):
                      meta=meta) as ckpt, PreemptionGuard() as guard:
         state, position = initial_state(config, model, policy, tx, mesh, input_shape, ckpt)
         step = int(state.step)
-        train_step = ft.make_train_step(task, mesh, shardings, policy=policy, bn_mode=config.bn_mode)
+        train_step = ft.make_train_step(task, mesh, shardings, policy=policy,
+                                        bn_mode=config.bn_mode, check_every=config.log_every)
         eval_step = ft.make_eval_step(task, mesh, shardings, policy=policy)
         train_data = build_data(config, mesh, train=True, start_batch=position)
         eval_data = build_data(config, mesh, train=False)
@@ -219,6 +234,7 @@ def train_and_evaluate(config, workdir):
             total = add(total, sums)
             bar.update(1)
             if step % config.log_every == 0 or step == config.num_steps:
+                train_step.check_finite()  # a non-finite update was dropped: stop and say so
                 rate = seen / (time.time() - tick)
                 scalars = log.write(step, "train", {**ft.summarize(jax.device_get(total)),
                                                     "images_per_sec": rate})
@@ -236,6 +252,7 @@ def train_and_evaluate(config, workdir):
                 bar.write(f"stopping at step {step} on request; checkpoint saved")
                 break
         bar.close()
+        train_step.check_finite()
         ckpt.wait()
     if not metrics:
         metrics = evaluate(eval_step, state, eval_data, task)

@@ -1,16 +1,29 @@
-"""experiments/: a short end-to-end run, resume, pictures, predict and bad input."""
+"""experiments/: every config trains and evaluates, a run resumes, pictures, predict, bad input."""
+import contextlib
+import importlib
 import importlib.util
 import json
+import logging
 import os
+import re
+import pathlib
 import subprocess
 import sys
+from unittest import mock
 
-import ml_collections
+import jax
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
+CONFIGS = os.path.join(EXPERIMENTS, "configs")
+sys.path.insert(0, CONFIGS)  # configs import `common`
+CONFIG_NAMES = sorted(p.stem for p in pathlib.Path(CONFIGS).glob("*.py") if p.stem != "common")
+SHAPES = ("background", "circle", "square", "triangle")
+# What a config test may not change: the run it describes, but for its sizes and data.
+RECIPE = ("task", "model", "model_kwargs", "normalize_like", "num_classes", "optimizer",
+          "precision", "aux_weight", "label_smoothing", "bn_mode", "init_from_model")
 
 
 def load_module(name):
@@ -20,26 +33,145 @@ def load_module(name):
     return module
 
 
-@pytest.fixture(scope="module")
-def train():
-    return load_module("train")
-
-
-def tiny_config(**overrides):
-    sys.path.insert(0, os.path.join(EXPERIMENTS, "configs"))
-    import tiny
-    config = tiny.get_config()
+def load_config(name, **overrides):
+    config = importlib.import_module(name).get_config()
     config.update(overrides)
     return config
 
 
 @pytest.fixture(scope="module")
-def trained(train, tmp_path_factory):
-    """A tiny run of 4 steps, then a second invocation to step 6 that resumes."""
+def train():
+    return load_module("train")
+
+
+@pytest.fixture(scope="module")
+def predict():
+    return load_module("predict")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def trained(train, data_dir, tmp_path_factory):
+    """The tiny config as it is (4 steps), then a second invocation to step 6 that resumes."""
     workdir = tmp_path_factory.mktemp("run")
-    first = train.train_and_evaluate(tiny_config(), workdir)
-    second = train.train_and_evaluate(tiny_config(num_steps=6, eval_every=6), workdir)
+    first = train.train_and_evaluate(load_config("tiny", data_dir=data_dir), workdir)
+    second = train.train_and_evaluate(
+        load_config("tiny", data_dir=data_dir, num_steps=6, eval_every=6), workdir)
     return workdir, first, second
+
+
+def at_test_size(name, data_dir):
+    """Config `name` with its own recipe (RECIPE keys) at test size: batch 2, two train
+    steps, one evaluation, the built-in dataset's 32 px build. Segmenters train on 32 px
+    crops and evaluate on canvases of the config's aspect, classifiers see 64 px: at output
+    stride 16 (32) that leaves BatchNorm 2x2 maps, the smallest that train: at 1x1 a batch
+    of 2 normalises 2 values per channel and the gradients overflow."""
+    config = load_config(name, batch_size=2, num_steps=2, log_every=1, eval_every=2,
+                         checkpoint_every=2, num_pictures=2, data_dir=data_dir)
+    h, w = importlib.import_module("common").pair(config.eval_size)
+    config.update(image_size=64, crop_size=32, eval_size=(32, round(32 * w / h)))
+    if config.dataset.startswith("flaxbones_shapes"):
+        config.dataset = "flaxbones_shapes/tiny"
+    return config
+
+
+@contextlib.contextmanager
+def dataset_of(config):
+    """The built-in dataset as it is; any other as TFDS mock data (2 examples a split),
+    its builder reporting itself prepared. Oxford pets' trimaps need values 1..3."""
+    if config.dataset.startswith("flaxbones_shapes"):
+        yield
+        return
+    import tensorflow_datasets as tfds
+    options = {"oxford_iiit_pet": dict(max_value=4)}.get(config.dataset, {})
+    with mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True), \
+            tfds.testing.mock_data(num_examples=2, **options):
+        yield
+
+
+def torch_weights(name, directory):
+    """A weight file of a freshly initialised torchvision (timm for Xception) `name`."""
+    import timm
+    import torch
+    import torchvision
+    from torch_ref import save_state
+    torch.manual_seed(0)
+    if name.startswith("xception"):
+        model = timm.create_model(name)
+    else:
+        model = getattr(torchvision.models, name)()
+    return save_state(model, directory / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(train, data_dir, tmp_path_factory):
+    """run(name) -> (workdir, final eval metrics) of config `name` at test size, run once
+    per module. A weight file of `init_from_model` starts the configs that name one;
+    transfer_shapes_from_classifier starts from shapes_classifier's checkpoints."""
+    done = {}
+
+    def run(name):
+        if name not in done:
+            config = at_test_size(name, data_dir)
+            workdir = tmp_path_factory.mktemp(name)
+            if name == "transfer_shapes_from_classifier":
+                config.init_from = str(run("shapes_classifier")[0] / "checkpoints")
+            elif config.init_from_model and not config.init_from:
+                config.init_from = torch_weights(config.init_from_model, workdir)
+            with dataset_of(config):
+                done[name] = workdir, train.train_and_evaluate(config, workdir)
+        return done[name]
+    return run
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_trains_and_evaluates(name, runs, request, capsys):
+    """Every experiments/configs file loads and runs its own model, task, optimizer and
+    precision for two train steps and an evaluation, pictures included."""
+    from flaxbones.train.checkpoint import Checkpoints
+    if name == "tiny":  # already test-sized: the `trained` fixture ran it
+        workdir, metrics, _ = request.getfixturevalue("trained")
+    else:
+        workdir, metrics = runs(name)
+    config = load_config(name)
+    with Checkpoints(workdir / "checkpoints") as ckpt:
+        saved = ckpt.read_meta()["config"]
+    original = json.loads(config.to_json())
+    assert {k: saved[k] for k in RECIPE} == {k: original[k] for k in RECIPE}
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite([r["loss"], r.get("grad_norm", 0.0)]).all() for r in rows)
+    assert not any(r.get("skipped") for r in rows)  # every update was applied
+    assert np.isfinite(metrics["loss"])
+    score = "miou" if config.task == "segmentation" else "top1"
+    assert 0 <= metrics[score] <= 1
+    picture = "overlays.png" if config.task == "segmentation" else "confusion.png"
+    for png in ("curves.png", picture):
+        assert (workdir / "pictures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if config.init_from_model or name.startswith("transfer"):
+        assert "warm start from" in capsys.readouterr().out
+
+
+def test_sizes_are_an_int_or_a_pair_on_the_command_line(tmp_path):
+    """`--config.eval_size` takes an int or (h, w) in the same config; a bad size is named."""
+    script = ("import sys; sys.path.insert(0, 'experiments/configs')\n"
+              "from absl import app\nfrom ml_collections import config_flags\n"
+              "from common import pair\n"
+              "C = config_flags.DEFINE_config_file('config')\n"
+              "app.run(lambda _: print(pair(C.value.eval_size), pair(C.value.crop_size)))\n")
+    config = os.path.join(CONFIGS, "cityscapes_deeplabv3plus_xception65.py")
+    out = [subprocess.run([sys.executable, "-c", script, f"--config={config}", *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+           for flags in ([], ["--config.eval_size=64"], ["--config.crop_size=(24, 40)"])]
+    assert [o.stdout.strip() for o in out] == [
+        "(1024, 2048) (769, 769)", "(64, 64) (769, 769)", "(1024, 2048) (24, 40)"], \
+        [o.stderr[-500:] for o in out]
+    common = importlib.import_module("common")
+    with pytest.raises(ValueError, match="eval_size must be an int or"):
+        common.pair((1, 2, 3), "eval_size")
 
 
 def test_run_writes_checkpoints_metrics_and_pictures(trained):
@@ -64,42 +196,96 @@ def test_second_invocation_resumed(trained, capsys):
     assert meta["config"]["num_steps"] == 6
 
 
-def test_predict_writes_overlays_and_rejects_undecodable_files(trained, tmp_path):
+def test_overlays_draw_class_maps_in_the_legend_colours(tmp_path):
+    """Ground truth and prediction are opaque class maps whose colours are exactly the
+    legend's swatches (a purple square under the 'square' green must not read grey)."""
     from PIL import Image
+    pictures = load_module("pictures")
+    image = np.broadcast_to(np.uint8([145, 30, 180]), (32, 32, 3))
+    truth = np.zeros((32, 32), np.int32)
+    truth[8:24, 8:24] = 2
+    truth[:, 28:] = 255
+    pred = np.where(truth == 255, 0, truth)
+    pred[:4, :4] = 1
+    pictures.save_overlays(tmp_path / "o.png", image[None], truth[None], pred[None], list(SHAPES))
+    png = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).reshape(-1, 3)
+    entries = pictures.legend_entries([truth, pred], list(SHAPES))
+    assert [name for name, _ in entries] == ["background", "circle", "square", "ignored"]
+    for name, rgb in entries:  # a legend swatch alone is about 100 pixels
+        assert (png == rgb).all(-1).sum() > 400, name
+    assert len({tuple(rgb) for _, rgb in entries}) == len(entries)
+
+
+@pytest.mark.parametrize("hw", [(40, 36), (97, 131), (300, 200), (32, 32)])
+def test_classifier_input_is_torchvisions_eval_transform(predict, hw):
+    from PIL import Image
+    from torchvision import transforms
+    image = np.random.RandomState(0).randint(0, 255, (*hw, 3), np.uint8)
+    want = transforms.Compose([transforms.Resize(37), transforms.CenterCrop(32)])(
+        Image.fromarray(image))
+    np.testing.assert_array_equal(predict.center_crop(image, 32), np.asarray(want))
+
+
+def test_segmenter_input_fits_the_eval_size_and_maps_back(predict):
+    image = np.zeros((20, 90, 3), np.uint8)
+    assert predict.fit(image, (32, 48))[0].shape == (11, 48, 3)  # shrunk
+    assert predict.fit(image[:10, :12], (32, 48))[1] == (32, 38)  # enlarged
+    mask = np.arange(6).reshape(2, 3)
+    np.testing.assert_array_equal(predict.nearest(mask, (4, 6)), mask.repeat(2, 0).repeat(2, 1))
+
+
+def images_of_three_sizes(directory):
+    from PIL import Image
+    from flaxbones.data import builtin
+    paths = []
+    for i, (h, w) in enumerate([(40, 36), (20, 90), (97, 131)]):
+        image, _ = builtin.render(np.random.default_rng(i), max(h, w))
+        paths.append(str(directory / f"image{i}.png"))
+        Image.fromarray(image[:h, :w]).save(paths[-1])
+    return paths
+
+
+@contextlib.contextmanager
+def traces_of(function_name, caplog):
+    """The list of times jax traces `function_name` for jit, filled in the block."""
+    traces = []
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        yield traces
+        pattern = re.compile(rf"Finished tracing (\+ transforming )?{function_name} ")
+        traces += [r for r in caplog.records if pattern.match(r.getMessage())]
+
+
+def test_predict_segmenter_one_compile_masks_at_image_size(trained, predict, tmp_path, caplog):
     workdir, _, _ = trained
-    predict = load_module("predict")
-    image = tmp_path / "shapes.png"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 36, 3), np.uint8)).save(image)
-    [(path, overlay)] = predict.predict(workdir / "checkpoints", [str(image)], tmp_path / "out")
-    assert overlay.read_bytes()[:4] == b"\x89PNG"
+    paths = images_of_three_sizes(tmp_path)
+    with traces_of("forward", caplog) as traces:
+        results = predict.predict(workdir / "checkpoints", paths, tmp_path / "out")
+    assert len(traces) == 1
+    for result, (h, w) in zip(results, [(40, 36), (20, 90), (97, 131)]):
+        assert result.mask.shape == (h, w) and set(np.unique(result.mask)) <= {0, 1, 2, 3}
+        assert result.overlay.read_bytes()[:4] == b"\x89PNG"
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot decode .*broken.jpg"):
-        predict.predict(workdir / "checkpoints", [str(image), str(broken)], tmp_path / "out")
+        predict.predict(workdir / "checkpoints", [paths[0], str(broken)], tmp_path / "out")
 
 
-def test_classifier_run_then_segmenter_warm_started_from_it(train, tmp_path, capsys):
-    """A classification run (confusion-matrix picture), whose checkpoint's backbone starts
-    a segmenter (experiments/configs/transfer_shapes_from_classifier.py's recipe)."""
-    classifier = tiny_config(task="classification", model="resnet18", normalize_like="resnet18",
-                             image_size=32, num_steps=2, eval_every=2, checkpoint_every=2,
-                             log_every=1)
-    classifier.model_kwargs = ml_collections.ConfigDict()
-    result = train.train_and_evaluate(classifier, tmp_path / "cls")
-    assert 0 <= result["top1"] <= 1
-    assert (tmp_path / "cls" / "pictures" / "confusion.png").exists()
-    segmenter = tiny_config(num_steps=1, eval_every=1, log_every=1,
-                            init_from=str(tmp_path / "cls" / "checkpoints"))
-    segmenter.model_kwargs.backbone = "resnet18"
-    segmenter.normalize_like = "resnet18"
-    train.train_and_evaluate(segmenter, tmp_path / "seg")
-    assert "warm start from" in capsys.readouterr().out
+def test_predict_classifier_top5_names_one_compile(runs, predict, tmp_path, caplog):
+    workdir, _ = runs("shapes_classifier")
+    paths = images_of_three_sizes(tmp_path)
+    with traces_of("forward", caplog) as traces:
+        results = predict.predict(workdir / "checkpoints", paths, tmp_path / "out", topk=5)
+    assert len(traces) == 1
+    for result in results:
+        names, probs = zip(*result.top)
+        assert sorted(names) == sorted(SHAPES)  # 4 classes: the top 5 are all of them
+        assert list(probs) == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(EXPERIMENTS, "train.py"),
-         f"--config={os.path.join(EXPERIMENTS, 'configs', 'tiny.py')}", "--config.batch_sise=8",
+         f"--config={os.path.join(CONFIGS, 'tiny.py')}", "--config.batch_sise=8",
          f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode != 0
@@ -107,7 +293,17 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 
 
 def test_missing_dataset_says_how_to_prepare_it(train, tmp_path):
-    config = tiny_config(dataset="oxford_iiit_pet", data_dir=str(tmp_path / "empty"))
+    config = load_config("tiny", dataset="oxford_iiit_pet", data_dir=str(tmp_path / "empty"))
     import flaxbones.data as fbd
     with pytest.raises(fbd.DatasetNotPreparedError, match="tfds build oxford_iiit_pet"):
         train.train_and_evaluate(config, tmp_path / "work")
+
+
+def test_show_backbones_prints_the_table_and_a_classifier_check():
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXPERIMENTS, "show_backbones.py"), "--pattern", "resnet18",
+         "--size", "64"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| resnet18 | 11.18M | C1 /2 x64 (32x32)" in result.stdout
+    assert "logits (2, 10), finite: True" in result.stdout

@@ -1,5 +1,17 @@
-"""Defaults every experiment config starts from; each config overrides what it needs."""
+"""Defaults every experiment config starts from; each config overrides what it needs.
+
+Sizes (`image_size`, `crop_size`, `eval_size`) are an int (square) or (h, w), in a config
+file and on the command line alike (`--config.eval_size=512`, `--config.eval_size='(512, 1024)'`).
+The optimizer defaults hold only options every optimizer takes: a config on SGD lists its
+own momentum/nesterov, one on AdamW/LAMB its own b1/b2/eps (see train.make_optimizer).
+"""
 import ml_collections
+from ml_collections.config_dict import FieldReference
+
+
+def size(value) -> FieldReference:
+    """A config field that holds an int or an (h, w) pair."""
+    return FieldReference(value, field_type=object)
 
 
 def base(**overrides) -> ml_collections.ConfigDict:
@@ -11,16 +23,15 @@ def base(**overrides) -> ml_collections.ConfigDict:
     c.dataset = "flaxbones_shapes"
     c.data_dir = ""  # TFDS data_dir holding prepared datasets ("" = TFDS's default)
     c.num_classes = 4
-    c.image_size = 224  # classification
-    c.crop_size = 512  # segmentation train crop
-    c.eval_size = 512  # segmentation eval canvas
+    c.image_size = size(224)  # classification crop
+    c.crop_size = size(512)  # segmentation train crop
+    c.eval_size = size(512)  # segmentation eval canvas
     c.scale_range = (0.5, 2.0)
     c.cache = False  # keep the decoded-once dataset in memory (small datasets)
     c.batch_size = 64  # global
     c.num_steps = 1000
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
-        schedule="cosine", warmup_steps=0))
+        name="sgd", learning_rate=0.1, weight_decay=1e-4, schedule="cosine", warmup_steps=0))
     c.aux_weight = 0.4
     c.label_smoothing = 0.0
     c.bn_mode = "global"  # "frozen" for fine-tuning with running statistics, "local"
@@ -36,3 +47,12 @@ def base(**overrides) -> ml_collections.ConfigDict:
     c.seed = 0
     c.update(overrides)
     return c
+
+
+def pair(size, what: str = "size") -> tuple[int, int]:
+    """A config size (int, or (h, w) as a tuple or, from JSON metadata, a list) as (h, w)."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return tuple(size)
+    raise ValueError(f"{what} must be an int or (h, w), got {size!r}")
