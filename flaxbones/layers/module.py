@@ -32,6 +32,9 @@ class ConvNormModule(nn.Module):
     `jax.distributed.initialize` first, or pass a value). `False` gives lax's ops, what
     every backend compiles natively: use it for a `jax.export` meant to run anywhere.
 
+    `frozen_bn` makes every BatchNorm torchvision's FrozenBatchNorm2d (running statistics in
+    training too, no gradient to scale and bias), as detection backbones run.
+
     `remat` (set by `train.remat_blocks`) makes every block built through `block_def`
     keep only its inputs and recompute itself in the backward pass: True with
     `layers.tied.tied_checkpoint` (effective on every backend), a `jax.checkpoint_policies`
@@ -46,6 +49,7 @@ class ConvNormModule(nn.Module):
     param_dtype: Any = option(jnp.float32)
     cpu_kernels: bool | None = option(None)
     remat: Any = option(None)
+    frozen_bn: bool = option(False)
 
     conv_init = staticmethod(kaiming_fan_out)
 
@@ -77,6 +81,7 @@ class ConvNormModule(nn.Module):
     @nn.nowrap
     def norm_def(self, train: bool):
         """BatchNorm constructor: batch statistics in training, running ones otherwise."""
-        return partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+        return partial(BatchNorm, use_running_average=not train or self.frozen_bn,
+                       frozen=self.frozen_bn, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name, dtype=self.dtype,
                        param_dtype=self.param_dtype)

@@ -15,6 +15,8 @@ class BatchNorm(nn.Module):
     Statistics are computed in float32 whatever the compute dtype. `momentum` is
     Flax's (the weight of the old value): PyTorch's 0.1 is 0.9 here.
     Variables: params `scale`, `bias`; batch_stats `mean`, `var` (as Flax names them).
+    `frozen=True` is torchvision's FrozenBatchNorm2d (detection backbones): running statistics
+    always, and no gradient reaches `scale` or `bias`.
     """
 
     use_running_average: bool | None = None
@@ -25,10 +27,11 @@ class BatchNorm(nn.Module):
     use_scale: bool = True
     use_bias: bool = True
     axis_name: str | None = None
+    frozen: bool = False
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None):
-        use_running_average = nn.merge_param(
+        use_running_average = self.frozen or nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
@@ -38,6 +41,8 @@ class BatchNorm(nn.Module):
         bias = (self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
                 if self.use_bias else None)
 
+        if self.frozen:
+            scale, bias = jax.lax.stop_gradient((scale, bias))
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:

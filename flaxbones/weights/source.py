@@ -14,7 +14,10 @@ class WeightSource:
     the first that matches the whole path gives the flax module path
     ('backbone/layer1_0/conv1'). Leaf names and layouts follow from the target module
     (kernel/scale/bias/mean/var). `mean`/`std` are the input normalisation the weights
-    expect, for the data pipeline; the model itself never normalises.
+    expect, for the data pipeline; the model itself never normalises. A detector's
+    `transform` holds the rest of its input transform as (key, value) pairs (torchvision's
+    `min_size`, `max_size`, `size_divisible`, SSD's `fixed_size`), read by
+    `flaxbones.detection.preprocess`.
     """
 
     name: str
@@ -24,6 +27,7 @@ class WeightSource:
     input_size: int = 224
     num_classes: int = 1000
     head_prefix: str | tuple[str, ...] = ("head/", "aux_head/")  # what `skip_head` may skip
+    transform: tuple[tuple[str, object], ...] = ()  # a detector's input transform (min_size, ...)
 
     def head_prefixes(self) -> tuple[str, ...]:
         prefixes = self.head_prefix
