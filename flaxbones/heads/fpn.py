@@ -10,7 +10,7 @@ from flaxbones.layers import ConvNormAct, ConvNormModule, resize_bilinear, resiz
 
 # torchvision's FPN init: kaiming_uniform(a=1), zero bias.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-EXTRAS = (None, "pool", "p6p7")
+EXTRAS = (None, "pool", "p6p7", "p6p7_c5")
 # torchvision.ops.FeaturePyramidNetwork's keys (under a model's own prefix) -> FPN paths.
 TORCHVISION_FPN_RULES = (
     (r"inner_blocks\.(\d)\.0", r"lateral_\1"),
@@ -25,7 +25,9 @@ class FPN(ConvNormModule):
 
     `extra='pool'` adds P6 = stride-2 subsampling of P5 (torchvision's LastLevelMaxPool,
     Faster R-CNN); `extra='p6p7'` adds P6 = 3x3/2 conv of P5 and P7 = 3x3/2 conv of
-    ReLU(P6) (RetinaNet, named `p6`, `p7`). Usable alone as a detection neck.
+    ReLU(P6) (RetinaNet, named `p6`, `p7`); `extra='p6p7_c5'` computes P6 from the last input
+    level instead (torchvision's LastLevelP6P7(2048, 256), RetinaNet v2). Usable alone as a
+    detection neck.
     Convs have biases and torchvision's FPN init; there is no normalisation.
     `remat` rematerialises the neck as one unit: its only stored activations are the
     top-down sums the output convs read, which no per-conv remat could drop.
@@ -40,7 +42,7 @@ class FPN(ConvNormModule):
     def out_levels(self) -> tuple[str, ...]:
         names = tuple("P" + n[1:] for n in self.in_levels)
         last = int(self.in_levels[-1][1:])
-        more = {None: 0, "pool": 1, "p6p7": 2}[self.extra]
+        more = {None: 0, "pool": 1, "p6p7": 2, "p6p7_c5": 2}[self.extra]
         return names + tuple(f"P{last + i}" for i in range(1, more + 1))
 
     def feature_info(self, backbone_info) -> tuple[FeatureInfo, ...]:
@@ -80,8 +82,9 @@ class _Pyramid(nn.Module):
             outs.insert(0, self.conv((3, 3), padding=pad, name=f"output_{i}")(top))
         if self.extra == "pool":
             outs.append(outs[-1][:, ::2, ::2])
-        elif self.extra == "p6p7":
-            p6 = self.conv((3, 3), (2, 2), padding=pad, name="p6")(outs[-1])
+        elif self.extra in ("p6p7", "p6p7_c5"):
+            src = outs[-1] if self.extra == "p6p7" else levels[-1]
+            p6 = self.conv((3, 3), (2, 2), padding=pad, name="p6")(src)
             outs += [p6, self.conv((3, 3), (2, 2), padding=pad, name="p7")(nn.relu(p6))]
         return outs
 
