@@ -42,6 +42,8 @@ def _leaf(torch_leaf: str, leaves: dict) -> tuple[str, str] | None:
         return "batch_stats", "mean"
     if torch_leaf == "running_var":
         return "batch_stats", "var"
+    if torch_leaf in params:  # a bare nn.Parameter (SSD's `scale_weight`): the same name
+        return "params", torch_leaf
     return None
 
 
