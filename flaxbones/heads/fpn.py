@@ -11,11 +11,14 @@ from flaxbones.layers import ConvNormAct, ConvNormModule, resize_bilinear, resiz
 # torchvision's FPN init: kaiming_uniform(a=1), zero bias.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 EXTRAS = (None, "pool", "p6p7", "p6p7_c5")
+_EXTRA_LEVELS = {None: 0, "pool": 1, "p6p7": 2, "p6p7_c5": 2}  # outputs each extra adds
 # torchvision.ops.FeaturePyramidNetwork's keys (under a model's own prefix) -> FPN paths.
 TORCHVISION_FPN_RULES = (
     (r"inner_blocks\.(\d)\.0", r"lateral_\1"),
     (r"layer_blocks\.(\d)\.0", r"output_\1"),
     (r"extra_blocks\.(p6|p7)", r"\1"),
+    (r"inner_blocks\.(\d)\.1", r"lateral_\1_bn"),  # the conv-BN FPN (`norm=True`)
+    (r"layer_blocks\.(\d)\.1", r"output_\1_bn"),
 )
 
 
@@ -28,7 +31,11 @@ class FPN(ConvNormModule):
     ReLU(P6) (RetinaNet, named `p6`, `p7`); `extra='p6p7_c5'` computes P6 from the last input
     level instead (torchvision's LastLevelP6P7(2048, 256), RetinaNet v2). Usable alone as a
     detection neck.
-    Convs have biases and torchvision's FPN init; there is no normalisation.
+    Convs have biases and torchvision's FPN init; there is no normalisation unless `norm`:
+    then every conv is bias-free and followed by a BatchNorm (`lateral_i_bn`, `output_i_bn`),
+    torchvision's `norm_layer=BatchNorm2d` FPN of the v2 detectors (run with `train`).
+    `names` renames the outputs (extras included), e.g. for input levels that are not
+    C-levels (torchvision's MobileNetV3 detectors read `features_13` and C5).
     `remat` rematerialises the neck as one unit: its only stored activations are the
     top-down sums the output convs read, which no per-conv remat could drop.
     """
@@ -36,13 +43,17 @@ class FPN(ConvNormModule):
     in_levels: Sequence[str] = ("C2", "C3", "C4", "C5")
     features: int = 256
     extra: str | None = None
+    norm: bool = False
+    names: Sequence[str] | None = None
 
     conv_init = staticmethod(fpn_init)
 
     def out_levels(self) -> tuple[str, ...]:
+        if self.names is not None:
+            return tuple(self.names)
         names = tuple("P" + n[1:] for n in self.in_levels)
         last = int(self.in_levels[-1][1:])
-        more = {None: 0, "pool": 1, "p6p7": 2, "p6p7_c5": 2}[self.extra]
+        more = _EXTRA_LEVELS[self.extra]
         return names + tuple(f"P{last + i}" for i in range(1, more + 1))
 
     def feature_info(self, backbone_info) -> tuple[FeatureInfo, ...]:
@@ -57,11 +68,15 @@ class FPN(ConvNormModule):
         return tuple(FeatureInfo(n, s, self.features) for n, s in zip(self.out_levels(), out))
 
     @nn.compact
-    def __call__(self, features: dict):
+    def __call__(self, features: dict, train: bool = False):
         if self.extra not in EXTRAS:
             raise ValueError(f"unknown FPN extra {self.extra!r}; choose one of {EXTRAS}")
-        body = self.block_def(_Pyramid)(partial(self.conv_def(use_bias=True), self.features),
-                                        self.extra)
+        if self.names is not None and len(self.names) != len(self.in_levels) + _EXTRA_LEVELS[self.extra]:
+            raise ValueError(f"FPN names {tuple(self.names)} must name every output level "
+                             f"({len(self.in_levels)} inputs + extra {self.extra!r})")
+        conv = partial(self.conv_def(use_bias=not self.norm), self.features)
+        norm = self.norm_def(train) if self.norm else None
+        body = self.block_def(_Pyramid)(conv, self.extra, norm)
         nn.share_scope(self, body)
         return dict(zip(self.out_levels(), body([features[n] for n in self.in_levels])))
 
@@ -71,21 +86,27 @@ class _Pyramid(nn.Module):
 
     conv: Callable
     extra: str | None
+    norm: Callable | None = None
+
+    def _conv_norm(self, x, name, *args, **kwargs):
+        x = self.conv(*args, name=name, **kwargs)(x)
+        return x if self.norm is None else self.norm(name=f"{name}_bn")(x)
 
     @nn.compact
     def __call__(self, levels):
         pad = ((1, 1), (1, 1))
         outs, top = [], None
         for i in reversed(range(len(levels))):
-            x = self.conv((1, 1), name=f"lateral_{i}")(levels[i])
+            x = self._conv_norm(levels[i], f"lateral_{i}", (1, 1))
             top = x if top is None else x + resize_nearest(top, x.shape[1:3])
-            outs.insert(0, self.conv((3, 3), padding=pad, name=f"output_{i}")(top))
+            outs.insert(0, self._conv_norm(top, f"output_{i}", (3, 3), padding=pad))
         if self.extra == "pool":
             outs.append(outs[-1][:, ::2, ::2])
         elif self.extra in ("p6p7", "p6p7_c5"):
             src = outs[-1] if self.extra == "p6p7" else levels[-1]
-            p6 = self.conv((3, 3), (2, 2), padding=pad, name="p6")(src)
-            outs += [p6, self.conv((3, 3), (2, 2), padding=pad, name="p7")(nn.relu(p6))]
+            p6 = self.conv((3, 3), (2, 2), padding=pad, use_bias=True, name="p6")(src)
+            outs += [p6, self.conv((3, 3), (2, 2), padding=pad, use_bias=True,
+                                   name="p7")(nn.relu(p6))]
         return outs
 
 
