@@ -19,6 +19,9 @@ TORCHVISION_FPN_RULES = (
     (r"extra_blocks\.(p6|p7)", r"\1"),
     (r"inner_blocks\.(\d)\.1", r"lateral_\1_bn"),  # the conv-BN FPN (`norm=True`)
     (r"layer_blocks\.(\d)\.1", r"output_\1_bn"),
+    # files saved before torchvision's FPN version 2 (its COCO detectors'): no `.0` level
+    (r"inner_blocks\.(\d)", r"lateral_\1"),
+    (r"layer_blocks\.(\d)", r"output_\1"),
 )
 
 
