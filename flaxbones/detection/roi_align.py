@@ -1,0 +1,153 @@
+"""RoIAlign (torchvision.ops.roi_align's CPU kernel arithmetic) and torchvision's multi-scale
+RoIAlign with the FPN level mapping, on NHWC features, vectorised gathers, static shapes."""
+import dataclasses
+import math
+from typing import Sequence
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def _pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _axis_taps(start, bin_size, grid, bins, slots, length):
+    """Per roi, bin and sample slot along one axis: (low, high) indices and (low, high) weights,
+    each (..., bins, slots), torchvision's bilinear rule (samples beyond [-1, length] weigh 0,
+    clamped at the last row; slots >= grid weigh 0)."""
+    p = jnp.arange(bins, dtype=jnp.float32)[:, None]
+    i = jnp.arange(slots, dtype=jnp.float32)[None, :]
+    g = grid[..., None, None]
+    keep = i < g  # grids <= 0 (aligned, empty roi) sample nothing
+    g = jnp.maximum(g, 1).astype(jnp.float32)
+    start, bin_size, ln = start[..., None, None], bin_size[..., None, None], length[..., None, None]
+    coord = start + p * bin_size + (i + 0.5) * bin_size / g
+    keep = keep & (coord >= -1.0) & (coord <= ln.astype(jnp.float32))
+    c = jnp.clip(coord, 0.0, ln.astype(jnp.float32))
+    low = c.astype(jnp.int32)
+    last = low >= ln - 1
+    low = jnp.where(last, ln - 1, low)
+    high = jnp.where(last, ln - 1, low + 1)
+    frac = jnp.where(last, 0.0, c - low.astype(jnp.float32))
+    return low, high, jnp.where(keep, 1.0 - frac, 0.0), jnp.where(keep, frac, 0.0)
+
+
+def _roi_align_flat(flat, base, heights, widths, scale, boxes, output_size, sampling_ratio,
+                    aligned, max_grid):
+    """RoIAlign from one flattened (M, C) feature buffer; per roi: `base` offset of its map,
+    its `heights`/`widths` and `scale` (all (..., R)), `boxes` (..., R, 4). Samples are
+    accumulated one grid point at a time (the kernel's order), so only (..., oh, ow, C)
+    gathers live at once."""
+    oh, ow = output_size
+    offset = 0.5 if aligned else 0.0
+    x0, y0, x1, y1 = (boxes[..., k] * scale - offset for k in range(4))
+    rw, rh = x1 - x0, y1 - y0
+    if not aligned:
+        rw, rh = jnp.maximum(rw, 1.0), jnp.maximum(rh, 1.0)
+    bw, bh = rw / ow, rh / oh
+    if sampling_ratio > 0:
+        gy = gx = jnp.full(rw.shape, sampling_ratio, jnp.int32)
+        sy = sx = sampling_ratio
+    else:
+        sy, sx = max_grid
+        gy = jnp.minimum(jnp.ceil(rh / oh).astype(jnp.int32), sy)
+        gx = jnp.minimum(jnp.ceil(rw / ow).astype(jnp.int32), sx)
+    count = jnp.maximum(gy * gx, 1).astype(jnp.float32)
+    ylo, yhi, wyl, wyh = _axis_taps(y0, bh, gy, oh, sy, heights)
+    xlo, xhi, wxl, wxh = _axis_taps(x0, bw, gx, ow, sx, widths)
+    row = lambda y: (base[..., None] + y * widths[..., None])[..., :, None]
+    col = lambda x: x[..., None, :]
+
+    def body(k, acc):
+        iy, ix = k // sx, k % sx
+        ry, rx = (lambda a: a[..., iy]), (lambda a: a[..., ix])
+        r0, r1, c0, c1 = row(ry(ylo)), row(ry(yhi)), col(rx(xlo)), col(rx(xhi))
+        hy, ly, hx, lx = ry(wyl)[..., :, None], ry(wyh)[..., :, None], rx(wxl)[..., None, :], rx(wxh)[..., None, :]
+        v = ((hy * hx)[..., None] * flat[r0 + c0] + (hy * lx)[..., None] * flat[r0 + c1]
+             + (ly * hx)[..., None] * flat[r1 + c0] + (ly * lx)[..., None] * flat[r1 + c1])
+        return acc + v
+
+    acc = jnp.zeros((*boxes.shape[:-1], oh, ow, flat.shape[-1]), flat.dtype)
+    acc = lax.fori_loop(0, sy * sx, body, acc, unroll=sy * sx <= 16)
+    return acc / count[..., None, None, None]
+
+
+def roi_align(features, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False, max_grid=None):
+    """torchvision.ops.roi_align on NHWC `features` (N, H, W, C) with per-image `boxes`
+    (N, R, 4) xyxy -> (N, R, oh, ow, C).
+
+    `sampling_ratio <= 0` (adaptive, ceil(roi size / output size) samples per bin) is made
+    static by `max_grid` (int or (gy, gx), default ceil(H / oh), ceil(W / ow): every roi
+    inside the map): exact while a roi's grid fits the cap, clamped to the cap beyond it.
+    """
+    oh, ow = _pair(output_size)
+    n, h, w, c = features.shape
+    r = boxes.shape[1]
+    if max_grid is None:
+        max_grid = (max(1, math.ceil(h / oh)), max(1, math.ceil(w / ow)))
+    per = lambda v, dt: jnp.full((n, r), v, dt)
+    base = (jnp.arange(n, dtype=jnp.int32) * (h * w))[:, None] * jnp.ones((1, r), jnp.int32)
+    return _roi_align_flat(jnp.asarray(features).reshape(n * h * w, c), base, per(h, jnp.int32),
+                           per(w, jnp.int32), per(spatial_scale, jnp.float32),
+                           boxes.astype(jnp.float32), (oh, ow), sampling_ratio, aligned,
+                           _pair(max_grid))
+
+
+def roi_levels(boxes, k_min: int, k_max: int, canonical_scale=224, canonical_level=4, eps=1e-6):
+    """torchvision's LevelMapper: the pyramid level index (0 = k_min) of each box (..., 4),
+    floor(k0 + log2(sqrt(area) / s0) + eps) clamped; -1 where the area is negative (NaN in
+    torchvision, whose rois then pool nothing)."""
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    s = jnp.sqrt(area)
+    lvl = jnp.floor(canonical_level + jnp.log2(s / canonical_scale) + jnp.float32(eps))
+    lvl = jnp.clip(lvl, k_min, k_max)
+    return jnp.where(jnp.isnan(lvl), -1, lvl.astype(jnp.int32) - k_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiScaleRoIAlign:
+    """torchvision.ops.MultiScaleRoIAlign (aligned=False) over pyramid levels given finest
+    first with their static `strides`; every roi is pooled from its mapped level in one gather.
+
+    torchvision infers each level's scale as 2**round(log2(feature height / largest valid
+    image height)); that equals our 1 / stride whenever the padded batch height is below
+    sqrt(2) x the largest valid height (always so for its own padding to 32 above ~75 px).
+    """
+    output_size: int | tuple[int, int]
+    sampling_ratio: int
+    canonical_scale: int = 224
+    canonical_level: int = 4
+
+    def __call__(self, features: Sequence, strides: Sequence[int], boxes):
+        if len(features) != len(strides):
+            raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
+        n, _, _, c = features[0].shape
+        r = boxes.shape[1]
+        boxes = boxes.astype(jnp.float32)
+        shapes = [f.shape[1:3] for f in features]
+        flat = jnp.concatenate([f.reshape(-1, c) for f in features], 0)
+        starts = [0]
+        for hh, ww in shapes:
+            starts.append(starts[-1] + n * hh * ww)
+        if len(features) == 1:
+            lvl = jnp.zeros((n, r), jnp.int32)
+        else:
+            k_min, k_max = int(math.log2(strides[0])), int(math.log2(strides[-1]))
+            lvl = roi_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
+        ok = lvl >= 0
+        lvl = jnp.maximum(lvl, 0)
+        pick = lambda vals, dt: jnp.asarray(vals, dt)[lvl]
+        hs, ws = pick([s[0] for s in shapes], jnp.int32), pick([s[1] for s in shapes], jnp.int32)
+        base = pick(starts[:-1], jnp.int32) + jnp.arange(n, dtype=jnp.int32)[:, None] * hs * ws
+        scale = pick([1.0 / s for s in strides], jnp.float32)
+        sr = self.sampling_ratio
+        grid = None
+        if sr <= 0:
+            oh, ow = _pair(self.output_size)
+            grid = (max(1, math.ceil(max(s[0] for s in shapes) / oh)),
+                    max(1, math.ceil(max(s[1] for s in shapes) / ow)))
+        out = _roi_align_flat(flat, base, hs, ws, scale, boxes, _pair(self.output_size), sr,
+                              False, grid)
+        return jnp.where(ok[..., None, None, None], out, 0.0)

@@ -1,0 +1,107 @@
+"""RoIAlign, multi-scale RoIAlign and keypoint decoding against torchvision's own ops: both
+alignments, fixed and adaptive sampling, boxes outside the map, degenerate and empty sets."""
+from collections import OrderedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+torchvision = pytest.importorskip("torchvision")
+
+from flaxbones.detection.roi_align import MultiScaleRoIAlign, roi_align  # noqa: E402
+
+
+def _boxes(rng, n, r, lo, hi, size_lo, size_hi):
+    b = rng.uniform(lo, hi, size=(n, r, 4)).astype(np.float32)
+    b[..., 2:] = b[..., :2] + rng.uniform(size_lo, size_hi, size=(n, r, 2))
+    b[:, 0] = [4.0, 4.0, 4.0, 4.0]  # zero area
+    b[:, 1] = [-30.0, -30.0, -20.0, -25.0]  # fully outside
+    b[:, 2] = [6.0, 5.0, 2.0, 9.0]  # inverted in x
+    return b
+
+
+def _tv_roi_align(f, b, *args):
+    out = torchvision.ops.roi_align(torch.from_numpy(f).permute(0, 3, 1, 2),
+                                    [torch.from_numpy(x) for x in b], *args)
+    n, r = b.shape[:2]
+    return out.permute(0, 2, 3, 1).numpy().reshape(n, r, *out.shape[2:], f.shape[-1])
+
+
+def _tol(ref):
+    """The spec's fp32 tolerance: XLA's CPU backend fuses a*b+c into FMAs, so sample
+    coordinates can differ from torchvision's kernel in the last bit."""
+    return 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 0, -1])
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_roi_align_matches_torchvision(aligned, sampling_ratio, scale):
+    rng = np.random.default_rng(sampling_ratio + 2 + 7 * aligned)
+    f = rng.normal(size=(2, 13, 17, 5)).astype(np.float32)
+    b = _boxes(rng, 2, 30, -12 / scale, 20 / scale, -2 / scale, 22 / scale)
+    if aligned and sampling_ratio <= 0:  # torchvision's kernel cannot size a negative grid
+        b[..., 2:] = np.maximum(b[..., 2:], b[..., :2])
+    ref = _tv_roi_align(f, b, (3, 4), scale, sampling_ratio, aligned)
+    grid = (40, 40) if sampling_ratio <= 0 else None  # adaptive: a cap above every roi here
+    out = jax.jit(lambda f, b: roi_align(f, b, (3, 4), scale, sampling_ratio, aligned, grid))(f, b)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=_tol(ref))
+
+
+def test_adaptive_default_cap_is_exact_inside_the_map():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(1, 20, 30, 3)).astype(np.float32)
+    b = rng.uniform(0, 10, size=(1, 25, 4)).astype(np.float32)
+    b[..., 2:] = np.minimum(b[..., :2] + rng.uniform(0, 20, size=(1, 25, 2)), [29.0, 19.0])
+    ref = _tv_roi_align(f, b, 2, 1.0, 0, True)
+    np.testing.assert_allclose(np.asarray(roi_align(f, b, 2, 1.0, 0, True)), ref, atol=_tol(ref))
+
+
+def test_roi_align_empty_and_jit_shapes():
+    f = jnp.ones((2, 8, 9, 3))
+    out = jax.jit(lambda f, b: roi_align(f, b, 7, 0.5, 2))(f, jnp.zeros((2, 0, 4)))
+    assert out.shape == (2, 0, 7, 7, 3)
+    assert MultiScaleRoIAlign(7, 2)([f, f[:, ::2, ::2]], [8, 16], jnp.zeros((2, 0, 4))).shape \
+        == (2, 0, 7, 7, 3)
+
+
+def _tv_multiscale(feats, strides, b, image_sizes, output_size, sr):
+    names = [str(i) for i in range(len(feats))]
+    x = OrderedDict((k, torch.from_numpy(f).permute(0, 3, 1, 2)) for k, f in zip(names, feats))
+    m = torchvision.ops.MultiScaleRoIAlign(names, output_size, sr)
+    out = m(x, [torch.from_numpy(v) for v in b], image_sizes)
+    assert m.scales == [1.0 / s for s in strides]  # the inferred scales agree with the strides
+    n, r = b.shape[:2]
+    return out.permute(0, 2, 3, 1).numpy().reshape(n, r, *out.shape[2:], feats[0].shape[-1])
+
+
+def test_multiscale_fpn_levels_match_torchvision():
+    rng = np.random.default_rng(2)
+    strides = [4, 8, 16, 32]
+    feats = [rng.normal(size=(2, 480 // s, 640 // s, 4)).astype(np.float32) for s in strides]
+    b = rng.uniform(-20, 500, size=(2, 60, 4)).astype(np.float32)
+    side, aspect = np.exp(rng.uniform(0, 6.6, (2, 60, 1))), np.exp(rng.uniform(-.3, .3, (2, 60, 1)))
+    b[..., 2:] = b[..., :2] + np.concatenate([side * aspect, side / aspect], -1)  # 1 .. 735 px
+    b[:, 0] = [30.0, 40.0, 30.0, 90.0]  # zero area: the finest level
+    b[:, 1] = [50.0, 40.0, 20.0, 90.0]  # inverted: torchvision pools nothing (NaN level)
+    ref = _tv_multiscale(feats, strides, b, [(450, 610), (470, 601)], (7, 7), 2)
+    m = MultiScaleRoIAlign(7, 2)
+    out = np.asarray(jax.jit(lambda f, b: m(f, strides, b))(feats, b))
+    np.testing.assert_allclose(out, ref, atol=_tol(ref))
+    assert not out[:, 1].any()
+    sizes = np.sqrt(np.abs(np.prod(b[..., 2:] - b[..., :2], -1)))
+    assert (sizes < 112).any() and (sizes >= 448).any()  # every level is used
+
+
+def test_multiscale_two_levels_at_one_stride_map_to_the_first():
+    """fasterrcnn_mobilenet_v3_large_fpn: both pooled FPN levels are at stride 32."""
+    rng = np.random.default_rng(3)
+    feats = [rng.normal(size=(1, 10, 13, 3)).astype(np.float32) for _ in range(2)]
+    b = rng.uniform(0, 300, size=(1, 20, 4)).astype(np.float32)
+    b[..., 2:] = b[..., :2] + rng.uniform(1, 400, size=(1, 20, 2))
+    ref = _tv_multiscale(feats, [32, 32], b, [(301, 410)], 7, 2)
+    out = np.asarray(MultiScaleRoIAlign(7, 2)(feats, [32, 32], b))
+    np.testing.assert_allclose(out, ref, atol=_tol(ref))
+    np.testing.assert_allclose(out, roi_align(feats[0], b, 7, 1 / 32, 2), atol=1e-6)
