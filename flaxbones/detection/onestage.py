@@ -1,0 +1,207 @@
+"""What the one-stage detectors (RetinaNet, FCOS, SSD) share: the dense head towers, head
+outputs flattened as torchvision orders them, static-shape candidate selection and the final
+batched NMS, and torchvision's `trainable_backbone_layers` as parameter-path regexes."""
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxbones.detection.base import check_detector_inputs
+from flaxbones.detection.boxes import clip_boxes
+from flaxbones.detection.nms import batched_nms
+
+TRAINING_ISSUE = ("training detectors (targets, matching, losses) lands in issue 15; "
+                  "call with train=False")
+
+
+def default_image_sizes(images, image_sizes):
+    """`image_sizes`, or every image's full padded (H, W) when None."""
+    if image_sizes is None:
+        return jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (images.shape[0], 1))
+    return image_sizes
+
+
+def flatten_level(x, columns: int):
+    """(N, H, W, A * columns) conv output -> (N, H * W * A, columns): torchvision's
+    `view(N, A, columns, H, W).permute(0, 3, 4, 1, 2)` order, which NHWC already has."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h * w * (c // columns), columns)
+
+
+class DenseBranch(nn.Module):
+    """`num_convs` 3x3 conv [-norm] -ReLU layers (`conv_i`, `norm_i`; the convs biased unless
+    `tower_bias` is False), then one biased 3x3 conv per entry of `outputs` ((name, channels,
+    bias init)); one instance serves every level, so the weights are shared across levels as
+    in RetinaNet's and FCOS's heads. `conv` is a Conv constructor."""
+
+    channels: int
+    outputs: Sequence[tuple[str, int, Callable]]
+    conv: Any
+    norm: Any = None
+    num_convs: int = 4
+    tower_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        pad = ((1, 1), (1, 1))
+        for i in range(self.num_convs):
+            x = self.conv(self.channels, (3, 3), padding=pad, use_bias=self.tower_bias,
+                          name=f"conv_{i}")(x)
+            if self.norm is not None:
+                x = self.norm(name=f"norm_{i}")(x)
+            x = nn.relu(x)
+        return tuple(self.conv(c, (3, 3), padding=pad, use_bias=True, bias_init=init, name=name)(x)
+                     for name, c, init in self.outputs)
+
+
+def group_norm(groups: int, dtype, param_dtype):
+    """torch.nn.GroupNorm(groups, C) (eps 1e-5, two-pass variance)."""
+    return lambda name: nn.GroupNorm(num_groups=groups, epsilon=1e-5, use_fast_variance=False,
+                                     dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def top_candidates(scores, score_thresh: float, topk: int):
+    """torchvision's `scores > thresh` then `topk(min(topk, kept))`, static: (values, indices
+    into `scores`, valid) of the `min(topk, len(scores))` best; slots past the kept count are
+    invalid. Ties go to the lower index."""
+    masked = jnp.where(scores > score_thresh, scores, -jnp.inf)
+    values, index = jax.lax.top_k(masked, min(topk, scores.shape[0]))
+    return values, index, values > score_thresh
+
+
+def final_detections(boxes, scores, labels, valid, nms_thresh: float, detections: int) -> dict:
+    """Per-class NMS of one image's candidates, the best `detections` kept: fixed-size
+    `boxes`, `scores`, `labels` (int32), `valid`, valid first by descending score; invalid
+    slots hold zeros."""
+    keep, kept = batched_nms(boxes, scores, labels, nms_thresh, detections, valid)
+    zero = lambda x: jnp.where(kept.reshape(kept.shape + (1,) * (x.ndim - 1)), x[keep], 0)  # noqa: E731
+    return {"boxes": zero(boxes), "scores": zero(scores),
+            "labels": zero(labels).astype(jnp.int32), "valid": kept}
+
+
+# --- trainable_layers: torchvision's trainable_backbone_layers as frozen-parameter regexes ---
+
+def resnet_frozen_patterns(trainable_layers: int | None, prefix: str = "backbone/") -> tuple:
+    """`_resnet_fpn_extractor`: train the last `trainable_layers` of (layer4, layer3, layer2,
+    layer1, conv1), bn1 with all 5; freeze the rest (scanned `layerI_scan` included)."""
+    if trainable_layers is None:
+        return ()
+    _check_range(trainable_layers, 5)
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    train += ["bn1"] if trainable_layers == 5 else []
+    frozen = [n for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4") if n not in train]
+    return tuple(f"{prefix}{n}/" if n in ("conv1", "bn1") else f"{prefix}{n}_" for n in frozen)
+
+
+def sequence_frozen_patterns(trainable_layers: int | None, stage_starts: Sequence[int],
+                             units: Sequence[str], prefix: str = "backbone/") -> tuple:
+    """torchvision's `_mobilenet_extractor` / `_vgg_extractor` rule over a flat unit sequence:
+    stages start at `stage_starts`; all units before the first trainable stage are frozen
+    (every unit with 0)."""
+    if trainable_layers is None:
+        return ()
+    stages = len(stage_starts)
+    _check_range(trainable_layers, stages)
+    before = len(units) if trainable_layers == 0 else stage_starts[stages - trainable_layers]
+    return tuple(f"{prefix}{u}/" for u in units[:before])
+
+
+def _check_range(value, top):
+    if not isinstance(value, int) or not 0 <= value <= top:
+        raise ValueError(f"trainable_layers must be an int in [0, {top}] (or None: all "
+                         f"trainable), got {value!r}")
+
+
+def backbone_frozen_patterns(backbone: nn.Module, trainable_layers: int | None) -> tuple:
+    """Frozen-parameter regexes for a detector's `backbone` (ResNet family, MobileNetV3, VGG
+    as torchvision counts their stages); None trains everything; other families only accept
+    None."""
+    from flaxbones.backbones.mobilenet_v3 import MobileNetV3
+    from flaxbones.backbones.resnet import ResNet
+    from flaxbones.backbones.vgg import VGG
+
+    if trainable_layers is None:
+        return ()
+    if isinstance(backbone, ResNet):
+        return resnet_frozen_patterns(trainable_layers)
+    if isinstance(backbone, MobileNetV3):
+        strided = [i for i, b in enumerate(backbone.blocks, 1) if b[-1] > 1]
+        n = len(backbone.blocks) + 2
+        return sequence_frozen_patterns(trainable_layers, [0, *strided, n - 1],
+                                        [f"features_{i}" for i in range(n)])
+    if isinstance(backbone, VGG):
+        units = [f"conv{s + 1}_{j + 1}" for s, w in enumerate(backbone.stages) for j in range(len(w))]
+        starts = [sum(len(w) for w in backbone.stages[:s]) for s in range(len(backbone.stages))]
+        return sequence_frozen_patterns(trainable_layers, starts, units)
+    raise ValueError(f"trainable_layers is defined for ResNet, MobileNetV3 and VGG backbones "
+                     f"(torchvision's stages), not {type(backbone).__name__}; pass None")
+
+
+class DenseDetector(nn.Module):
+    """Backbone -> FPN `neck` -> dense `head` -> per-level top-k of the scores above
+    `score_thresh` -> decoded, clipped boxes -> per-class NMS (RetinaNet, FCOS).
+
+    `__call__(images (N, H, W, 3), image_sizes (N, 2) int (None: the full padded size),
+    train=False)` returns fixed-size `boxes` (N, K, 4) xyxy in the padded frame, `scores`,
+    `labels` (int32), `valid` (N, K) with K = `detections_per_img`; invalid slots are zeros.
+    Sown "intermediates": the pyramid levels (`P3`, ...), the head's raw outputs concatenated
+    over levels as torchvision returns them, and the anchors. Subclasses give `level_scores`
+    and `decode`. `frozen_param_patterns()` is torchvision's trainable_backbone_layers.
+    """
+
+    backbone: nn.Module
+    neck: nn.Module
+    head: nn.Module
+    anchor_generator: Any
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 300
+    topk_candidates: int = 1000
+    trainable_layers: int | None = None
+
+    def frozen_param_patterns(self) -> tuple[str, ...]:
+        return backbone_frozen_patterns(self.backbone, self.trainable_layers)
+
+    def level_scores(self, outputs: dict):
+        raise NotImplementedError
+
+    def decode(self, codes, anchors):
+        raise NotImplementedError
+
+    def __call__(self, images, image_sizes=None, train: bool = False):
+        if train:
+            raise NotImplementedError(TRAINING_ISSUE)
+        image_sizes = default_image_sizes(images, image_sizes)
+        check_detector_inputs(images, image_sizes)
+        pyramid = self.neck(self.backbone(images, train=False))
+        levels = [pyramid[n] for n in self.neck.out_levels()]
+        for name in self.neck.out_levels():
+            self.sow("intermediates", name, pyramid[name])
+        outputs = self.head(levels)  # {key: [per level (N, HWA, columns)]}
+        for key, per_level in outputs.items():
+            self.sow("intermediates", key, jnp.concatenate(per_level, axis=1))
+        anchors = [jnp.asarray(a) for a in
+                   self.anchor_generator(images.shape[1:3], [x.shape[1:3] for x in levels])]
+        self.sow("intermediates", "anchors", jnp.concatenate(anchors))
+        per_level = [{k: v[i].astype(jnp.float32) for k, v in outputs.items()}
+                     for i in range(len(levels))]
+        return jax.vmap(self._postprocess, in_axes=(0, None, 0))(per_level, anchors, image_sizes)
+
+    def _postprocess(self, per_level, anchors, image_size):
+        """One image: torchvision's postprocess_detections with static shapes."""
+        boxes, scores, labels, valid = [], [], [], []
+        for outputs, level_anchors in zip(per_level, anchors):
+            level = self.level_scores(outputs)  # (HWA, classes)
+            classes = level.shape[-1]
+            value, index, ok = top_candidates(level.reshape(-1), self.score_thresh,
+                                              self.topk_candidates)
+            anchor = index // classes
+            box = self.decode(outputs["bbox_regression"][anchor], level_anchors[anchor])
+            boxes.append(clip_boxes(box[None], image_size[None])[0])
+            scores.append(value)
+            labels.append(index % classes)
+            valid.append(ok)
+        cat = jnp.concatenate
+        return final_detections(cat(boxes), jnp.where(cat(valid), cat(scores), 0.0), cat(labels),
+                                cat(valid), self.nms_thresh, self.detections_per_img)
