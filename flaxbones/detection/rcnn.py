@@ -1,0 +1,207 @@
+"""Faster / Mask / Keypoint R-CNN on any backbone: the RCNN module and the generic builders
+`fasterrcnn`, `maskrcnn`, `keypointrcnn` (torchvision's architecture and test-mode settings;
+its named presets and weight rules are in `rcnn_presets`)."""
+import re
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+
+from flaxbones.backbones.mobilenet_v2 import MobileNetV2
+from flaxbones.backbones.mobilenet_v3 import MobileNetV3
+from flaxbones.backbones.resnet import ResNet
+from flaxbones.detection.anchors import AnchorGenerator
+from flaxbones.detection.base import check_detector_inputs, check_num_classes, detection_backbone
+from flaxbones.detection.rcnn_heads import (ConvFCHead, ConvHead, FastRCNNPredictor,
+                                            KeypointRCNNPredictor, MaskRCNNPredictor, TwoMLPHead)
+from flaxbones.detection.roi_heads import RoIHeads
+from flaxbones.detection.rpn import RPN
+from flaxbones.heads.fpn import FPN
+from flaxbones.models import check_levels
+from flaxbones.registry import register_model
+
+TRAINING_ISSUE = ("training (targets, sampling and losses) lands with issue 15; "
+                  "call with train=False")
+
+
+class RCNN(nn.Module):
+    """Two-stage detector: `backbone` -> `neck` (FPN with a pooled extra level) -> `rpn`
+    proposals -> `roi_heads` detections (+ masks / keypoints when it has those heads).
+
+    `apply(variables, images (N, H, W, 3), image_sizes (N, 2) int (h, w) = whole images,
+    train=False)` returns fixed-size arrays: `boxes` (N, K, 4) xyxy in the padded frame,
+    `scores`, `labels` (int32), `valid` (N, K), valid first by descending score, invalid slots
+    all zero; Mask R-CNN adds `masks` (N, K, 28, 28) probabilities of the detected class,
+    Keypoint R-CNN `keypoints` (N, K, 17, 3) and `keypoint_scores` (N, K, 17).
+    Intermediates (`mutable=['intermediates']`): backbone and FPN features, the RPN's
+    objectness/deltas, `proposals` + `proposal_valid`, class logits and box regression.
+
+    `trainable_layers` is torchvision's `trainable_backbone_layers` (None: all trainable),
+    realised by `frozen_param_patterns()` for `detection.base.trainable_mask`.
+    """
+
+    backbone: nn.Module
+    neck: FPN
+    rpn: RPN
+    roi_heads: RoIHeads
+    trainable_layers: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_levels(self.backbone, self.neck.in_levels, "the FPN")
+        if self.trainable_layers is not None:
+            backbone_freeze_patterns(self.backbone, self.trainable_layers)
+
+    @property
+    def feature_info(self):
+        """The FPN levels (names, strides, channels), known before init."""
+        return self.neck.feature_info(self.backbone.feature_info)
+
+    def __call__(self, images, image_sizes=None, train: bool = False):
+        if train:
+            raise NotImplementedError(TRAINING_ISSUE)
+        if image_sizes is None:
+            image_sizes = jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (len(images), 1))
+        check_detector_inputs(images, image_sizes)
+        features = self.backbone(images, train=False)
+        self.sow("intermediates", "backbone_features", features)
+        pyramid = self.neck(features, train=False)
+        self.sow("intermediates", "features", pyramid)
+        levels = list(pyramid.values())
+        proposals, valid, _ = self.rpn(levels, images.shape[1:3], image_sizes)
+        self.sow("intermediates", "proposals", proposals)
+        self.sow("intermediates", "proposal_valid", valid)
+        n = len(self.neck.in_levels)  # RoIAlign reads the FPN levels, not the pooled extra
+        strides = [f.stride for f in self.feature_info][:n]
+        return self.roi_heads(levels[:n], strides, proposals, valid, image_sizes,
+                              images.shape[1:3])
+
+    def frozen_param_patterns(self) -> tuple[str, ...]:
+        """Regexes over param paths ('backbone/layer1_0/conv1/kernel') that torchvision
+        would not train: the backbone layers `trainable_layers` leaves frozen, and, with
+        frozen BatchNorm, every backbone BN scale/bias (buffers in FrozenBatchNorm2d)."""
+        patterns = ()
+        if self.trainable_layers is not None:
+            patterns += backbone_freeze_patterns(self.backbone, self.trainable_layers)
+        return patterns + frozen_bn_patterns(self.backbone)
+
+
+def _mobilenet_strides(backbone):
+    if isinstance(backbone, MobileNetV3):
+        return (2, *(b[-1] for b in backbone.blocks), 1)
+    return tuple(unit[0] for unit in backbone._units)
+
+
+def backbone_freeze_patterns(backbone, trainable_layers: int) -> tuple[str, ...]:
+    """torchvision's trainable_backbone_layers as param-path regexes: ResNet trains the last
+    k of layer4, layer3, layer2, layer1, conv1 (bn1 too at 5); MobileNet V2/V3 the last k
+    stages split at the strided blocks (`_mobilenet_extractor`)."""
+    k = trainable_layers
+    if isinstance(backbone, ResNet):
+        if not 0 <= k <= 5:
+            raise ValueError(f"trainable_layers must be in [0, 5] for ResNet, got {k}")
+        train = ["layer4_", "layer3_", "layer2_", "layer1_", "conv1/"][:k] + ["bn1/"] * (k == 5)
+        return (rf"^backbone/(?!{'|'.join(train)})" if train else r"^backbone/",)
+    if isinstance(backbone, (MobileNetV2, MobileNetV3)):
+        strides = _mobilenet_strides(backbone)
+        stages = [0] + [i for i in range(1, len(strides) - 1) if strides[i] > 1] + [len(strides) - 1]
+        if not 0 <= k <= len(stages):
+            raise ValueError(f"trainable_layers must be in [0, {len(stages)}] for "
+                             f"{type(backbone).__name__}, got {k}")
+        before = len(strides) if k == 0 else stages[len(stages) - k]
+        return (rf"^backbone/features_({'|'.join(map(str, range(before)))})/",) if before else ()
+    raise ValueError(f"trainable_layers follows torchvision's ResNet and MobileNet detection "
+                     f"backbones; {type(backbone).__name__} has no such stages. Leave it None "
+                     "(all trainable) and freeze with your own patterns")
+
+
+def frozen_bn_patterns(backbone) -> tuple[str, ...]:
+    """The scale/bias of every BatchNorm of a `frozen_bn` backbone (found on its shapes)."""
+    if not getattr(backbone, "frozen_bn", False):
+        return ()
+    init = partial(backbone.clone(parent=None).init, train=False)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    stats = traverse_util.flatten_dict(shapes.get("batch_stats", {}), sep="/")
+    modules = sorted({key.rsplit("/", 1)[0] for key in stats})
+    if not modules:
+        return ()
+    return (rf"^backbone/({'|'.join(map(re.escape, modules))})/(scale|bias)$",)
+
+
+def default_anchors(num_levels: int, sizes=None, aspect_ratios=None) -> AnchorGenerator:
+    """torchvision's default: one size per level, 32 doubling per level, ratios 0.5/1/2."""
+    sizes = tuple(sizes) if sizes else tuple((32 * 2 ** i,) for i in range(num_levels))
+    ratios = tuple(aspect_ratios) if aspect_ratios else ((0.5, 1.0, 2.0),) * len(sizes)
+    if len(sizes) != num_levels or len(ratios) != num_levels:
+        raise ValueError(f"anchor sizes {sizes} / aspect ratios {ratios} need one entry per "
+                         f"RPN level ({num_levels}: the FPN levels and the pooled extra)")
+    return AnchorGenerator(tuple(map(tuple, sizes)), tuple(map(tuple, ratios)))
+
+
+def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
+               fpn_levels: Sequence[str] = ("C2", "C3", "C4", "C5"), fpn_channels: int = 256,
+               fpn_norm: bool = False, fpn_names: Sequence[str] | None = None,
+               trainable_layers: int | None = None, frozen_bn: bool = True,
+               anchor_sizes=None, aspect_ratios=None, rpn_conv_depth: int = 1,
+               rpn_pre_nms_top_n: int = 1000, rpn_post_nms_top_n: int = 1000,
+               rpn_nms_thresh: float = 0.7, rpn_score_thresh: float = 0.0,
+               box_head: str = "mlp", representation_size: int = 1024,
+               box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
+               detections_per_img: int = 100, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+               mask: str | None = None, num_keypoints: int | None = None,
+               **backbone_kwargs) -> RCNN:
+    """An RCNN from parts. `box_head` 'mlp' (v1 TwoMLPHead) or 'conv' (v2: 4 conv-BN, 1 fc);
+    `mask` None, 'plain' (v1 MaskRCNNHeads) or 'bn' (v2); `num_keypoints` adds the keypoint
+    branch. The heads share the backbone's dtypes and kernel choice; their BatchNorms
+    (v2) are ordinary, as torchvision's."""
+    check_num_classes(num_classes)
+    fpn_levels = tuple(fpn_levels)
+    if box_head not in ("mlp", "conv"):
+        raise ValueError(f"box_head must be 'mlp' (v1) or 'conv' (v2), got {box_head!r}")
+    if mask not in (None, "plain", "bn"):
+        raise ValueError(f"mask must be None, 'plain' (v1) or 'bn' (v2), got {mask!r}")
+    bb, common = detection_backbone(backbone, fpn_levels, frozen_bn, **backbone_kwargs)
+    if fpn_names is None and not all(re.fullmatch(r"C\d+", n) for n in fpn_levels):
+        fpn_names = tuple(map(str, range(len(fpn_levels)))) + ("pool",)  # torchvision's keys
+    neck = FPN(fpn_levels, fpn_channels, extra="pool", norm=fpn_norm, names=fpn_names, **common)
+    rpn = RPN(default_anchors(len(fpn_levels) + 1, anchor_sizes, aspect_ratios), rpn_conv_depth,
+              rpn_pre_nms_top_n, rpn_post_nms_top_n, rpn_nms_thresh, rpn_score_thresh, **common)
+    head = (TwoMLPHead(representation_size, **common) if box_head == "mlp" else
+            ConvFCHead((fpn_channels,) * 4, (representation_size,), **common))
+    heads = dict(box_head=head, box_predictor=FastRCNNPredictor(num_classes, **common))
+    if mask:
+        heads.update(mask_head=ConvHead((256,) * 4, norm=mask == "bn", **common),
+                     mask_predictor=MaskRCNNPredictor(num_classes, **common))
+    if num_keypoints:
+        heads.update(keypoint_head=ConvHead((512,) * 8, **common),
+                     keypoint_predictor=KeypointRCNNPredictor(num_keypoints, **common))
+    roi_heads = RoIHeads(**heads, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
+                         detections_per_img=detections_per_img,
+                         bbox_reg_weights=tuple(bbox_reg_weights))
+    return RCNN(bb, neck, rpn, roi_heads, trainable_layers)
+
+
+@register_model("detector")
+def fasterrcnn(backbone: Any = "resnet50", num_classes: int = 91, **kwargs) -> RCNN:
+    """Faster R-CNN with an FPN on `fpn_levels` (C2..C5) of any backbone (frozen BN by
+    default); torchvision's options (`rpn_*`, `box_*`, `detections_per_img`, anchors,
+    `trainable_layers`, v2 parts `fpn_norm`, `rpn_conv_depth=2`, `box_head='conv'`) as
+    keywords; the rest configure a backbone given by name."""
+    return build_rcnn(backbone, num_classes, **kwargs)
+
+
+@register_model("detector")
+def maskrcnn(backbone: Any = "resnet50", num_classes: int = 91, mask: str = "plain",
+             **kwargs) -> RCNN:
+    """Mask R-CNN: Faster R-CNN plus the 14x14 RoIAlign mask branch (`mask='bn'`: v2)."""
+    return build_rcnn(backbone, num_classes, mask=mask, **kwargs)
+
+
+@register_model("detector")
+def keypointrcnn(backbone: Any = "resnet50", num_classes: int = 2, num_keypoints: int = 17,
+                 **kwargs) -> RCNN:
+    """Keypoint R-CNN: Faster R-CNN plus the keypoint branch (8 x 512 convs, 56x56 maps)."""
+    return build_rcnn(backbone, num_classes, num_keypoints=num_keypoints, **kwargs)
