@@ -1,4 +1,5 @@
 """Detection box ops, anchors and NMS against torchvision's own implementations."""
+import functools
 import math
 
 import jax
@@ -171,3 +172,167 @@ def test_default_box_generator_matches_torchvision(kind, image_shape):
     got = ours(image_shape, shapes)
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------- NMS
+from flaxbones.detection import nms as N  # noqa: E402
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _jit_nms(b, s, idxs, thr, max_output, valid):
+    if idxs is None:
+        return N.nms(b, s, thr, max_output, valid)
+    return N.batched_nms(b, s, idxs, thr, max_output, valid)
+
+
+def _run(b, s, thr, max_output, valid=None, idxs=None, pad_to=None):
+    """Our NMS, padded with invalid entries up to `pad_to` so few shapes compile; the threshold
+    is traced, rounded as nms() rounds a Python float."""
+    n = len(b)
+    valid = np.ones(n, bool) if valid is None else valid
+    if pad_to is not None and pad_to > n:
+        extra = pad_to - n
+        b = np.concatenate([b, np.tile(b[:1] if n else np.zeros((1, 4), np.float32), (extra, 1))])
+        s = np.concatenate([s, np.full(extra, 100.0, np.float32)])
+        valid = np.concatenate([valid, np.zeros(extra, bool)])
+        idxs = None if idxs is None else np.concatenate([idxs, np.zeros(extra, idxs.dtype)])
+    return _got(_jit_nms(b, s, idxs, jnp.float32(N._threshold(thr)), max_output, valid))
+
+
+def _tv_keep(b, s, thr, valid=None, idxs=None):
+    """torchvision's kept indices (into the full input) on the valid subset."""
+    sub = np.arange(len(b)) if valid is None else np.nonzero(valid)[0]
+    tb, ts = _t(b[sub]), _t(s[sub])
+    if idxs is None:
+        k = torchvision.ops.nms(tb, ts, thr)
+    else:
+        k = torchvision.ops.batched_nms(tb, ts, _t(idxs[sub]), thr)
+    return sub[k.numpy()]
+
+
+def _got(out):
+    keep, ok = (np.asarray(x) for x in out)
+    assert ok.dtype == bool and keep.dtype == np.int32
+    assert (np.diff(ok.astype(int)) <= 0).all()  # valid slots first
+    return keep[ok]
+
+
+def _scenario(name, n, rng):
+    if name == "random":
+        return _random_boxes(rng, n, 0, 300, 1, 60), rng.random(n).astype(np.float32)
+    if name == "heavy":
+        return _random_boxes(rng, n, 0, 20, 5, 30), rng.random(n).astype(np.float32)
+    if name == "ties":  # few distinct scores, many duplicate boxes
+        b = _random_boxes(rng, n, 0, 60, 5, 30)
+        b[n // 2:] = b[: n - n // 2]
+        return b, rng.integers(0, 4, n).astype(np.float32) * 0.25
+    if name == "degenerate":
+        b = _odd_boxes(rng, n)
+        b[6::7, 2] = b[6::7, 0]  # zero width every 7th
+        return b, rng.random(n).astype(np.float32)
+    if name == "all_suppressed":
+        return np.tile(_random_boxes(rng, 1, 0, 50, 5, 30), (n, 1)), rng.random(n).astype(np.float32)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("name", ["random", "heavy", "ties", "degenerate", "all_suppressed"])
+@pytest.mark.parametrize("n", [1, 9, 300])
+def test_nms_matches_torchvision(name, n):
+    rng = np.random.default_rng(n)
+    b, s = _scenario(name, max(n, 6), rng)
+    b, s = b[:n], s[:n]
+    for thr in (0.3, 0.5, 0.7):
+        want = _tv_keep(b, s, thr)
+        for max_output in (4, 400):  # fewer / more slots than torchvision keeps
+            got = _run(b, s, thr, max_output, pad_to=16 if n < 16 else 320)
+            np.testing.assert_array_equal(got, want[:max_output])
+
+
+def test_nms_unpadded_static_threshold_and_edge_sizes():
+    """The public signature as models call it: Python float threshold, valid=None, exact n."""
+    rng = np.random.default_rng(11)
+    b, s = _scenario("heavy", 50, rng)
+    for max_output in (3, 50, 80):
+        keep, ok = jax.jit(N.nms, static_argnums=(2, 3))(b, s, 0.6, max_output)
+        assert keep.shape == ok.shape == (max_output,)
+        np.testing.assert_array_equal(_got((keep, ok)), _tv_keep(b, s, 0.6)[:max_output])
+        assert (np.asarray(keep)[~np.asarray(ok)] == 0).all()
+    keep, ok = N.nms(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), 0.5, 7)
+    assert keep.shape == (7,) and not np.asarray(ok).any()
+    keep, ok = N.batched_nms(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32),
+                             np.zeros((0,), np.int32), 0.5, 3)
+    assert keep.shape == (3,) and not np.asarray(ok).any()
+    keep, ok = N.nms(b, s, 0.5, 0)
+    assert keep.shape == (0,) and ok.shape == (0,)
+
+
+def test_nms_invalid_entries_are_neither_kept_nor_suppress():
+    rng = np.random.default_rng(5)
+    b, s = _scenario("heavy", 300, rng)
+    valid = rng.random(300) < 0.6
+    s[~valid] += 10.0  # invalid boxes have the best scores: they must not suppress anything
+    for thr in (0.4, 0.6):
+        np.testing.assert_array_equal(_run(b, s, thr, 400, valid, pad_to=320), _tv_keep(b, s, thr, valid))
+    assert len(_run(b, s, 0.5, 400, np.zeros(300, bool), pad_to=320)) == 0
+
+
+def test_nms_threshold_compared_as_double():
+    """An IoU of exactly float32(0.6) = 0.60000002 is > 0.6 for torchvision (double compare)."""
+    a = np.array([[0, 0, 10, 10], [0, 0, 6, 10], [0, 0, 7.5, 8], [20, 20, 30, 30]], np.float32)
+    s = np.array([1.0, 0.9, 0.8, 0.7], np.float32)
+    for thr in (0.6, 0.6000000238418579, 0.59999999, 0.45):
+        np.testing.assert_array_equal(_run(a, s, thr, 4, pad_to=16), _tv_keep(a, s, thr))
+    assert N._threshold(0.6) < np.float32(0.6) and N._threshold(0.5) == np.float32(0.5)
+
+
+def test_nms_signed_zero_and_negative_scores_tie_like_torch():
+    rng = np.random.default_rng(6)
+    b = _random_boxes(rng, 300, 0, 100, 5, 40)
+    s = np.where(rng.random(300) < 0.5, np.float32(0.0), np.float32(-0.0)).astype(np.float32)
+    s[::5] = -1.5
+    np.testing.assert_array_equal(_run(b, s, 0.5, 400, pad_to=320), _tv_keep(b, s, 0.5))
+
+
+@pytest.mark.parametrize("n_valid", [40, 1000, 1001, 1700])
+def test_batched_nms_matches_torchvision_both_paths(n_valid):
+    """<= 1000 valid boxes: torchvision offsets boxes by class (its rounding mirrored); above,
+    it loops over classes. Ties across classes above 1000 are ordered by torch's unstable sort,
+    so distinct scores here (the kept set with ties is checked separately)."""
+    rng = np.random.default_rng(n_valid)
+    n = n_valid + 37
+    b = _random_boxes(rng, n, 0, 400, 2, 80) * 3
+    s = rng.permutation(n).astype(np.float32) / n
+    idxs = rng.integers(0, 90, n).astype(np.int32)
+    valid = np.zeros(n, bool)
+    valid[rng.permutation(n)[:n_valid]] = True
+    for thr in (0.5, 0.7):
+        want = _tv_keep(b, s, thr, valid, idxs)
+        for max_output in (100, 2000):
+            got = _run(b, s, thr, max_output, valid, idxs, pad_to=2048)
+            np.testing.assert_array_equal(got, want[:max_output])
+
+
+def test_batched_nms_ties_and_few_classes():
+    rng = np.random.default_rng(7)
+    for n in (300, 1500):
+        b, s = _scenario("ties", n, rng)
+        idxs = rng.integers(0, 3, n).astype(np.int32)
+        want = _tv_keep(b, s, 0.5, None, idxs)
+        got = _run(b, s, 0.5, 2000, None, idxs, pad_to=2048)
+        if n * 4 <= 4000:
+            np.testing.assert_array_equal(got, want)
+        else:  # torchvision's final sort is unstable: same set, same score sequence
+            np.testing.assert_array_equal(np.sort(got), np.sort(want))
+            np.testing.assert_array_equal(s[got], s[want])
+
+
+def test_nms_vmaps_over_a_batch():
+    rng = np.random.default_rng(8)
+    bs, ss, vs, ids = zip(*[(*_scenario(k, 150, rng), rng.random(150) < 0.8, rng.integers(0, 5, 150))
+                            for k in ("random", "heavy", "ties")])
+    b, s, v, i = (np.stack(x) for x in (bs, ss, vs, ids))
+    keep, ok = jax.jit(jax.vmap(lambda b, s, i, v: N.batched_nms(b, s, i, 0.5, 60, v)))(b, s, i, v)
+    keep1, ok1 = jax.jit(jax.vmap(lambda b, s, v: N.nms(b, s, 0.5, 60, v)))(b, s, v)
+    for j in range(3):
+        np.testing.assert_array_equal(_got((keep[j], ok[j])), _tv_keep(b[j], s[j], 0.5, v[j], i[j])[:60])
+        np.testing.assert_array_equal(_got((keep1[j], ok1[j])), _tv_keep(b[j], s[j], 0.5, v[j])[:60])
