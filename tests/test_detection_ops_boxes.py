@@ -336,3 +336,32 @@ def test_nms_vmaps_over_a_batch():
     for j in range(3):
         np.testing.assert_array_equal(_got((keep[j], ok[j])), _tv_keep(b[j], s[j], 0.5, v[j], i[j])[:60])
         np.testing.assert_array_equal(_got((keep1[j], ok1[j])), _tv_keep(b[j], s[j], 0.5, v[j])[:60])
+
+
+@pytest.mark.parametrize("name", ["all_suppressed", "ties", "heavy", "random"])
+def test_nms_large_input_prefix_and_full_sort_paths(name):
+    """> 1024 candidates: a top_k prefix first, a full sort only when the prefix does not fill the
+    output (all_suppressed/ties need it; random does not). Includes valid boxes scored -inf."""
+    rng = np.random.default_rng(9)
+    b, s = _scenario(name, 3000, rng)
+    s[rng.random(3000) < 0.1] = -np.inf
+    valid = rng.random(3000) < 0.9
+    for thr in (0.5, 0.7):
+        want = _tv_keep(b, s, thr, valid)
+        np.testing.assert_array_equal(_run(b, s, thr, 100, valid, pad_to=3072), want[:100])
+    idxs = rng.integers(0, 4, 3000).astype(np.int32)
+    want = _tv_keep(b, s, 0.5, valid, idxs)
+    got = _run(b, s, 0.5, 100, valid, idxs, pad_to=3072)
+    if name == "ties":
+        np.testing.assert_array_equal(s[got], s[want[:100]])
+    else:
+        np.testing.assert_array_equal(got, want[:100])
+
+
+def test_nms_vmap_mixes_prefix_and_full_sort_images():
+    rng = np.random.default_rng(10)
+    (b1, s1), (b2, s2) = _scenario("random", 2000, rng), _scenario("all_suppressed", 2000, rng)
+    b, s = np.stack([b1, b2]), np.stack([s1, s2])
+    keep, ok = jax.jit(jax.vmap(lambda b, s: N.nms(b, s, 0.5, 50)))(b, s)
+    for j in range(2):
+        np.testing.assert_array_equal(_got((keep[j], ok[j])), _tv_keep(b[j], s[j], 0.5)[:50])

@@ -1,10 +1,11 @@
 """Greedy NMS with a fixed output size, keeping exactly what torchvision.ops.nms / batched_nms keep.
 
-Boxes are sorted once (valid first, score descending, index ascending: torchvision's stable CPU
-sort), then visited in tiles under a lax.while_loop that stops as soon as `max_output` boxes are
-kept or the remaining entries are invalid. A tile is first suppressed by the boxes already kept,
-then resolved exactly within itself by a fixed-point iteration of the greedy rule (box j survives
-iff no earlier surviving box overlaps it), which settles in at most tile-size steps.
+Boxes are visited in torchvision's order (valid first, score descending, index ascending: its
+stable CPU sort) in tiles under a lax.while_loop that stops once `max_output` boxes are kept or
+no valid box is left. A tile is suppressed by the boxes already kept, then resolved exactly within
+itself by a fixed-point iteration of the greedy rule (box j survives iff no earlier surviving box
+overlaps it; settles in at most tile-size steps). The order comes from a cheap top_k prefix first
+and from a full sort only when that prefix does not fill the output.
 """
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from jax import lax
 from flaxbones.detection.boxes import box_iou
 
 _TILE = 256
+_PREFIX = 1024  # candidates taken by top_k before falling back to a full sort
 # torchvision.ops.batched_nms on CPU offsets boxes per class (one nms call) while boxes.numel()
 # <= 4000 and loops over classes above that; the two differ in float rounding, so mirror the switch.
 _TRICK_MAX_NUMEL = 4000
@@ -30,70 +32,101 @@ def _threshold(iou_threshold):
     return t
 
 
-def _greedy(boxes, labels, alive, thr, max_output, tile):
-    """Greedy NMS over `boxes` already in visiting order; `labels` None or (n,) class ids (boxes
-    only suppress same-class boxes). Returns (positions (max_output,) int32, count)."""
-    n = boxes.shape[0]
-    pad = -n % tile
-    boxes = jnp.pad(boxes, ((0, pad), (0, 0)))
-    alive = jnp.pad(alive, (0, pad))
-    labels = None if labels is None else jnp.pad(labels, (0, pad))
-    n_tiles = (n + pad) // tile
+def _tiles(boxes, ids, labels, alive, end, thr, carry, first_tile, tile):
+    """Greedy NMS over `boxes` in visiting order (length a multiple of `tile`), from tile
+    `first_tile`, continuing `carry` = (count, out ids, kept boxes, kept labels). `alive` marks the
+    boxes to visit, all before position `end`; `labels` None or class ids (only same-class boxes
+    suppress each other). Stops once every output slot is filled."""
+    n_tiles = boxes.shape[0] // tile
+    max_output = carry[1].shape[0]
     upper = jnp.triu(jnp.ones((tile, tile), bool), 1)  # upper[i, j]: i is visited before j
     slots = jnp.arange(max_output)
 
     def cond(state):
-        t, count, _, _, _ = state
-        return (t < n_tiles) & (count < max_output) & alive[jnp.minimum(t, n_tiles - 1) * tile]
+        t, (count, _, _, _) = state
+        return (t < n_tiles) & (count < max_output) & (t * tile < end)
 
     def body(state):
-        t, count, pos, kept, kept_lab = state
+        t, (count, out, kept, kept_lab) = state
         start = t * tile
         tb = lax.dynamic_slice_in_dim(boxes, start, tile)
         ok = lax.dynamic_slice_in_dim(alive, start, tile)
         by_kept = (box_iou(tb, kept) > thr) & (slots < count)[None, :]
-        over = (box_iou(tb, tb) > thr) & upper
+        tl = None if labels is None else lax.dynamic_slice_in_dim(labels, start, tile)
         if labels is not None:
-            tl = lax.dynamic_slice_in_dim(labels, start, tile)
             by_kept &= tl[:, None] == kept_lab[None, :]
-            over &= tl[:, None] == tl[None, :]
         ok &= ~jnp.any(by_kept, axis=1)
 
-        def step(c):
-            keep, _ = c
-            new = ok & ~jnp.any(over & keep[:, None], axis=0)
-            return new, jnp.any(new != keep)
+        def within(carry):
+            count, out, kept, kept_lab = carry
+            over = (box_iou(tb, tb) > thr) & upper
+            if labels is not None:
+                over &= tl[:, None] == tl[None, :]
 
-        keep, _ = lax.while_loop(lambda c: c[1], step, (ok, jnp.any(ok)))
-        dest = jnp.where(keep, count + jnp.cumsum(keep) - 1, max_output)
-        pos = pos.at[dest].set(start + jnp.arange(tile, dtype=jnp.int32), mode="drop")
-        kept = kept.at[dest].set(tb, mode="drop")
-        if labels is not None:
-            kept_lab = kept_lab.at[dest].set(tl, mode="drop")
-        count = jnp.minimum(count + jnp.sum(keep, dtype=jnp.int32), max_output)
-        return t + 1, count, pos, kept, kept_lab
+            def step(c):
+                keep, _ = c
+                new = ok & ~jnp.any(over & keep[:, None], axis=0)
+                return new, jnp.any(new != keep)
 
-    kept_lab = jnp.zeros((max_output,), jnp.int32 if labels is None else labels.dtype)
-    state = (jnp.int32(0), jnp.int32(0), jnp.zeros((max_output,), jnp.int32),
-             jnp.zeros((max_output, 4), boxes.dtype), kept_lab)
-    _, count, pos, _, _ = lax.while_loop(cond, body, state)
-    return pos, count
+            keep = lax.while_loop(lambda c: c[1], step, (ok, True))[0]
+            dest = jnp.where(keep, count + jnp.cumsum(keep) - 1, max_output)
+            out = out.at[dest].set(lax.dynamic_slice_in_dim(ids, start, tile), mode="drop")
+            kept = kept.at[dest].set(tb, mode="drop")
+            if labels is not None:
+                kept_lab = kept_lab.at[dest].set(tl, mode="drop")
+            count = jnp.minimum(count + jnp.sum(keep, dtype=jnp.int32), max_output)
+            return count, out, kept, kept_lab
+
+        # a tile the kept boxes already suppressed entirely costs only its (tile, kept) IoU
+        carry = lax.cond(jnp.any(ok), within, lambda c: c, (count, out, kept, kept_lab))
+        return t + 1, carry
+
+    return lax.while_loop(cond, body, (jnp.asarray(first_tile, jnp.int32), carry))[1]
 
 
 def _nms(boxes, scores, labels, iou_threshold, max_output, valid, offsets_fn):
     n = boxes.shape[0]
     if n == 0 or max_output == 0:
         return jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool)
+    thr = _threshold(iou_threshold)
     valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
     scores = jnp.asarray(scores)
-    neg = jnp.where(scores == 0, jnp.zeros_like(scores), -scores)  # -0.0 ties with 0.0, as in torch
-    _, _, order = lax.sort((~valid, neg, jnp.arange(n, dtype=jnp.int32)), num_keys=2, is_stable=True)
     boxes, labels = offsets_fn(boxes, valid, labels)
-    lab = None if labels is None else labels[order]
     tile = min(_TILE, -(-n // 8) * 8)
-    pos, count = _greedy(boxes[order], lab, valid[order], _threshold(iou_threshold), max_output, tile)
+    pad = -n % tile
+    boxes, valid = jnp.pad(boxes, ((0, pad), (0, 0))), jnp.pad(valid, (0, pad))
+    scores = jnp.pad(jnp.where(scores == 0, jnp.zeros_like(scores), scores), (0, pad))  # -0.0 == 0.0
+    labels = None if labels is None else jnp.pad(labels, (0, pad))
+    ids = jnp.arange(n + pad, dtype=jnp.int32)
+    n_valid = jnp.sum(valid, dtype=jnp.int32)
+    carry = (jnp.int32(0), jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output, 4), boxes.dtype),
+             jnp.zeros((max_output,), jnp.int32 if labels is None else labels.dtype))
+
+    def sorted_pass(carry, skip):
+        # the exact visiting order: valid first, score descending, index ascending (stable)
+        _, _, order = lax.sort((~valid, -scores, ids), num_keys=2, is_stable=True)
+        lab = None if labels is None else labels[order]
+        alive = valid[order] & (ids >= skip)
+        return _tiles(boxes[order], order, lab, alive, n_valid, thr, carry, skip // tile, tile)
+
+    prefix = min(n + pad, -(-max(_PREFIX, 2 * max_output) // tile) * tile)
+    if prefix >= n + pad:
+        carry = sorted_pass(carry, 0)
+    else:
+        # top_k is far cheaper than a full sort and keeps ties in index order; its entries with a
+        # finite key are exactly the first m of the visiting order. Sort only if they do not fill up.
+        key = jnp.where(valid, scores, -jnp.inf)
+        top, idx = lax.top_k(key, prefix)
+        trusted = top > -jnp.inf
+        m = jnp.sum(trusted, dtype=jnp.int32)
+        lab = None if labels is None else labels[idx]
+        carry = _tiles(boxes[idx], idx, lab, trusted, m, thr, carry, 0, tile)
+        need = (carry[0] < max_output) & (m < n_valid)
+        # a while_loop run at most once: under vmap the sort runs only if some image needs it
+        _, carry = lax.while_loop(lambda s: s[0], lambda s: (False, sorted_pass(s[1], m)), (need, carry))
+    count, out = carry[0], carry[1]
     keep_valid = jnp.arange(max_output) < count
-    return jnp.where(keep_valid, order[pos], 0), keep_valid
+    return jnp.where(keep_valid, out, 0), keep_valid
 
 
 def nms(boxes, scores, iou_threshold, max_output, valid=None):
