@@ -22,6 +22,14 @@ def default_image_sizes(images, image_sizes):
     return image_sizes
 
 
+def empty_detections(batch: int, detections: int) -> dict:
+    """The output structure with no detection: what `init` returns, since the postprocess
+    holds no parameters and is costly to compile."""
+    return {"boxes": jnp.zeros((batch, detections, 4)), "scores": jnp.zeros((batch, detections)),
+            "labels": jnp.zeros((batch, detections), jnp.int32),
+            "valid": jnp.zeros((batch, detections), bool)}
+
+
 def flatten_level(x, columns: int):
     """(N, H, W, A * columns) conv output -> (N, H * W * A, columns): torchvision's
     `view(N, A, columns, H, W).permute(0, 3, 4, 1, 2)` order, which NHWC already has."""
@@ -148,6 +156,7 @@ class DenseDetector(nn.Module):
     Sown "intermediates": the pyramid levels (`P3`, ...), the head's raw outputs concatenated
     over levels as torchvision returns them, and the anchors. Subclasses give `level_scores`
     and `decode`. `frozen_param_patterns()` is torchvision's trainable_backbone_layers.
+    `init` sows nothing and skips the postprocess (no parameters): empty detections.
     """
 
     backbone: nn.Module
@@ -176,14 +185,15 @@ class DenseDetector(nn.Module):
         check_detector_inputs(images, image_sizes)
         pyramid = self.neck(self.backbone(images, train=False))
         levels = [pyramid[n] for n in self.neck.out_levels()]
-        for name in self.neck.out_levels():
-            self.sow("intermediates", name, pyramid[name])
         outputs = self.head(levels)  # {key: [per level (N, HWA, columns)]}
-        for key, per_level in outputs.items():
-            self.sow("intermediates", key, jnp.concatenate(per_level, axis=1))
+        if self.is_initializing():  # nothing sown: init returns only the variables
+            return empty_detections(images.shape[0], self.detections_per_img)
         anchors = [jnp.asarray(a) for a in
                    self.anchor_generator(images.shape[1:3], [x.shape[1:3] for x in levels])]
-        self.sow("intermediates", "anchors", jnp.concatenate(anchors))
+        sown = {**pyramid, **{k: jnp.concatenate(v, axis=1) for k, v in outputs.items()},
+                "anchors": jnp.concatenate(anchors)}
+        for name, value in sown.items():
+            self.sow("intermediates", name, value)
         per_level = [{k: v[i].astype(jnp.float32) for k, v in outputs.items()}
                      for i in range(len(levels))]
         return jax.vmap(self._postprocess, in_axes=(0, None, 0))(per_level, anchors, image_sizes)

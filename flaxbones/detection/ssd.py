@@ -10,9 +10,9 @@ from flaxbones.backbones.vgg import STAGES
 from flaxbones.detection.anchors import DefaultBoxGenerator
 from flaxbones.detection.base import check_detector_inputs, check_num_classes
 from flaxbones.detection.boxes import BoxCoder, clip_boxes
-from flaxbones.detection.onestage import (TRAINING_ISSUE, default_image_sizes, final_detections,
-                                          flatten_level, sequence_frozen_patterns,
-                                          top_candidates)
+from flaxbones.detection.onestage import (TRAINING_ISSUE, default_image_sizes, empty_detections,
+                                          final_detections, flatten_level,
+                                          sequence_frozen_patterns, top_candidates)
 from flaxbones.detection.retinanet import torchvision_detector_source
 from flaxbones.layers import ConvNormAct, ConvNormModule
 from flaxbones.registry import register_model
@@ -68,13 +68,13 @@ class SSD(nn.Module):
         image_sizes = default_image_sizes(images, image_sizes)
         check_detector_inputs(images, image_sizes)
         maps = self.backbone(images, train=False)
-        for i, x in enumerate(maps):
-            self.sow("intermediates", f"map_{i}", x)
         outputs = self.head(maps)
-        for key, value in outputs.items():
-            self.sow("intermediates", key, value)
+        if self.is_initializing():  # nothing sown, no postprocess (it has no parameters)
+            return empty_detections(images.shape[0], self.detections_per_img)
         anchors = jnp.asarray(self.anchor_generator(images.shape[1:3], [x.shape[1:3] for x in maps]))
-        self.sow("intermediates", "anchors", anchors)
+        sown = {**{f"map_{i}": x for i, x in enumerate(maps)}, **outputs, "anchors": anchors}
+        for name, value in sown.items():
+            self.sow("intermediates", name, value)
         outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
         return jax.vmap(self._postprocess, in_axes=(0, 0, None, 0))(
             outputs["cls_logits"], outputs["bbox_regression"], anchors, image_sizes)

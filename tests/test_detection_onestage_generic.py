@@ -1,0 +1,50 @@
+"""The generic `retinanet` builder on other backbone families: build, init and apply under jit
+at a tiny size (ResNet-18, MobileNetV3-Large, Xception-65, VGG-16), fixed-size outputs that
+respect each image's valid size; trainable_layers per family."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxbones as fb
+import flaxbones.detection.retinanet  # noqa: F401  (registers the builders)
+
+# init's RNG is compiled per parameter shape; the rbg key keeps that compile short
+KEY = jax.random.key(1, impl="unsafe_rbg")
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large", "xception65", "vgg16"])
+def test_retinanet_on_any_backbone(backbone):
+    model = fb.create_model("retinanet", backbone=backbone, num_classes=4, fpn_channels=64,
+                            detections_per_img=50)
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 96, 3))
+    sizes = jnp.array([[64, 96], [50, 70]], jnp.int32)
+    variables = jax.jit(model.init)(KEY, images, sizes)
+    assert set(variables) <= {"params", "batch_stats"}
+    out = jax.device_get(jax.jit(model.apply)(variables, images, sizes))
+    assert out["boxes"].shape == (2, 50, 4) and out["labels"].dtype == np.int32
+    for i, (h, w) in enumerate(np.asarray(sizes)):
+        valid = out["valid"][i]
+        assert not valid[np.argmin(valid):].any(), "valid detections must come first"
+        assert np.all(np.diff(out["scores"][i][valid]) <= 0)
+        boxes = out["boxes"][i][valid]
+        assert np.all(boxes >= 0) and np.all(boxes[:, 2] <= w) and np.all(boxes[:, 3] <= h)
+        assert np.all(out["labels"][i][valid] < 4)
+        assert not out["scores"][i][~valid].any() and not out["boxes"][i][~valid].any()
+
+
+def test_trainable_layers_per_family():
+    def frozen(backbone, layers):
+        return fb.create_model("retinanet", backbone=backbone, num_classes=2,
+                               trainable_layers=layers).frozen_param_patterns()
+
+    assert frozen("resnet18", None) == ()
+    assert frozen("resnet18", 3) == ("backbone/conv1/", "backbone/bn1/", "backbone/layer1_")
+    # torchvision's MobileNetV3 stages start at features 0, 2, 4, 7, 13, 16 (6 stages)
+    assert frozen("mobilenet_v3_large", 6) == ()
+    assert frozen("mobilenet_v3_large", 5) == ("backbone/features_0/", "backbone/features_1/")
+    assert frozen("vgg16", 4) == ("backbone/conv1_1/", "backbone/conv1_2/")
+    with pytest.raises(ValueError, match="trainable_layers"):
+        frozen("xception65", 2)
+    with pytest.raises(ValueError, match=r"\[0, 5\]"):
+        frozen("resnet18", 6)
