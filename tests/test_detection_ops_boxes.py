@@ -53,6 +53,16 @@ def test_box_iou_and_giou_match_torchvision(n, m):
     np.testing.assert_array_equal(np.asarray(B.box_area(b1)), torchvision.ops.box_area(_t(b1)).numpy())
 
 
+def test_box_iou_bit_exact_at_scale():
+    """XLA contracts a*b+c into FMAs; boxes.no_fma keeps every IoU bit-identical to torch's."""
+    rng = np.random.default_rng(12)
+    b1, b2 = _random_boxes(rng, 400, 0, 500, 1, 300), _random_boxes(rng, 300, 0, 500, 1, 300)
+    np.testing.assert_array_equal(np.asarray(jax.jit(B.box_iou)(b1, b2)),
+                                  torchvision.ops.box_iou(_t(b1), _t(b2)).numpy())
+    np.testing.assert_array_equal(np.asarray(jax.jit(B.generalized_box_iou)(b1, b2)),
+                                  torchvision.ops.generalized_box_iou(_t(b1), _t(b2)).numpy())
+
+
 def test_box_iou_batched_leading_dims():
     rng = np.random.default_rng(1)
     b1 = np.stack([_random_boxes(rng, 5) for _ in range(3)])
@@ -74,6 +84,11 @@ def test_box_coder_matches_torchvision(weights):
     coder = B.BoxCoder(weights)
     _close(jax.jit(coder.decode)(codes, ref), tv.decode_single(_t(codes), _t(ref)), rtol=2e-6, atol=1e-4)
     _close(jax.jit(coder.encode)(gt, ref), tv.encode_single(_t(gt), _t(ref)), rtol=2e-6, atol=1e-5)
+    # without exp (dw = dh = 0) the float math is bit-identical (true division by the weights)
+    flat = codes.copy()
+    flat[:, 2:] = 0
+    np.testing.assert_array_equal(np.asarray(jax.jit(coder.decode)(flat, ref)),
+                                  tv.decode_single(_t(flat), _t(ref)).numpy())
     # RoI-head style: (R, C, 4) codes against (R, 1, 4) proposals == decode of (R, 4C) codes
     codes3 = codes.reshape(10, 5, 4)
     got = coder.decode(codes3, ref[:10, None, :])
@@ -365,3 +380,18 @@ def test_nms_vmap_mixes_prefix_and_full_sort_images():
     keep, ok = jax.jit(jax.vmap(lambda b, s: N.nms(b, s, 0.5, 50)))(b, s)
     for j in range(2):
         np.testing.assert_array_equal(_got((keep[j], ok[j])), _tv_keep(b[j], s[j], 0.5)[:50])
+
+
+def test_nms_thresholds_equal_to_actual_ious():
+    """Thresholds set to IoU values that occur (ties exactly at the threshold): any last-bit
+    difference in our IoU (e.g. an FMA) would flip a decision here."""
+    rng = np.random.default_rng(13)
+    b = _random_boxes(rng, 300, 0, 120, 10, 80)
+    s = rng.random(300).astype(np.float32)
+    iou = torchvision.ops.box_iou(_t(b), _t(b)).numpy()
+    order = np.argsort(-s, kind="stable")
+    cand = [iou[order[i], order[i + 1 + k]] for i in range(0, 40) for k in range(3)]
+    cand = [float(v) for v in cand if 0.2 < v < 0.9][:12]
+    assert len(cand) >= 6
+    for thr in cand:
+        np.testing.assert_array_equal(_run(b, s, thr, 400, pad_to=320), _tv_keep(b, s, thr))

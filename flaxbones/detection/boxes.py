@@ -3,11 +3,31 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+from jax import lax
+
+
+def no_fma(x):
+    """Identity on float32 `x` that XLA cannot contract into a fused multiply-add with the add
+    that follows (XLA always lets LLVM fuse a*b+c on CPU/GPU; torch rounds each op), so sums of
+    products round bit for bit as torchvision's. i*(i+1) is even for any int32, so z == 0."""
+    i = lax.bitcast_convert_type(x, jnp.int32)
+    return lax.bitcast_convert_type(i ^ ((i * (i + 1)) & 1), x.dtype)
+
+
+def div_scalar(x, w):
+    """x / w as a true division: XLA turns division by a broadcast scalar into multiplication by
+    its reciprocal (off by one ulp from torch's x / w for ~20% of values unless w is a power of 2);
+    a per-element divisor, made opaque as in no_fma, keeps the real divide."""
+    if isinstance(w, (int, float)) and math.frexp(w)[0] in (0.5, -0.5):
+        return x / jnp.asarray(w, x.dtype)
+    i = lax.bitcast_convert_type(x, jnp.int32)
+    d = lax.bitcast_convert_type(jnp.full(x.shape, w, x.dtype), jnp.int32) ^ ((i * (i + 1)) & 1)
+    return x / lax.bitcast_convert_type(d, x.dtype)
 
 
 def box_area(boxes):
     """(x2 - x1) * (y2 - y1) over the last axis, as torchvision.ops.box_area (no clamping)."""
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return no_fma((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))
 
 
 def _inter_union(boxes1, boxes2):
@@ -16,7 +36,7 @@ def _inter_union(boxes1, boxes2):
     lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = jnp.maximum(rb - lt, 0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = no_fma(wh[..., 0] * wh[..., 1])
     return inter, area1[..., :, None] + area2[..., None, :] - inter
 
 
@@ -34,7 +54,7 @@ def generalized_box_iou(boxes1, boxes2):
     lti = jnp.minimum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     rbi = jnp.maximum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     whi = jnp.maximum(rbi - lti, 0)
-    areai = whi[..., 0] * whi[..., 1]
+    areai = no_fma(whi[..., 0] * whi[..., 1])
     return iou - (areai - union) / areai
 
 
@@ -51,16 +71,16 @@ class BoxCoder:
         boxes = boxes.astype(codes.dtype)
         widths = boxes[..., 2] - boxes[..., 0]
         heights = boxes[..., 3] - boxes[..., 1]
-        ctr_x = boxes[..., 0] + 0.5 * widths
-        ctr_y = boxes[..., 1] + 0.5 * heights
-        wx, wy, ww, wh = (jnp.asarray(w, codes.dtype) for w in self.weights)
-        dx, dy = codes[..., 0] / wx, codes[..., 1] / wy
-        dw = jnp.minimum(codes[..., 2] / ww, self.bbox_xform_clip)
-        dh = jnp.minimum(codes[..., 3] / wh, self.bbox_xform_clip)
-        pred_ctr_x = dx * widths + ctr_x
-        pred_ctr_y = dy * heights + ctr_y
-        half_w = 0.5 * (jnp.exp(dw) * widths)
-        half_h = 0.5 * (jnp.exp(dh) * heights)
+        ctr_x = boxes[..., 0] + no_fma(0.5 * widths)
+        ctr_y = boxes[..., 1] + no_fma(0.5 * heights)
+        wx, wy, ww, wh = (float(w) for w in self.weights)
+        dx, dy = div_scalar(codes[..., 0], wx), div_scalar(codes[..., 1], wy)
+        dw = jnp.minimum(div_scalar(codes[..., 2], ww), self.bbox_xform_clip)
+        dh = jnp.minimum(div_scalar(codes[..., 3], wh), self.bbox_xform_clip)
+        pred_ctr_x = no_fma(dx * widths) + ctr_x
+        pred_ctr_y = no_fma(dy * heights) + ctr_y
+        half_w = no_fma(0.5 * (jnp.exp(dw) * widths))
+        half_h = no_fma(0.5 * (jnp.exp(dh) * heights))
         return jnp.stack([pred_ctr_x - half_w, pred_ctr_y - half_h,
                           pred_ctr_x + half_w, pred_ctr_y + half_h], axis=-1)
 
@@ -71,12 +91,12 @@ class BoxCoder:
         wx, wy, ww, wh = (jnp.asarray(w, dtype) for w in self.weights)
         ex_w = boxes[..., 2] - boxes[..., 0]
         ex_h = boxes[..., 3] - boxes[..., 1]
-        ex_x = boxes[..., 0] + 0.5 * ex_w
-        ex_y = boxes[..., 1] + 0.5 * ex_h
+        ex_x = boxes[..., 0] + no_fma(0.5 * ex_w)
+        ex_y = boxes[..., 1] + no_fma(0.5 * ex_h)
         gt_w = matched_gt[..., 2] - matched_gt[..., 0]
         gt_h = matched_gt[..., 3] - matched_gt[..., 1]
-        gt_x = matched_gt[..., 0] + 0.5 * gt_w
-        gt_y = matched_gt[..., 1] + 0.5 * gt_h
+        gt_x = matched_gt[..., 0] + no_fma(0.5 * gt_w)
+        gt_y = matched_gt[..., 1] + no_fma(0.5 * gt_h)
         return jnp.stack([wx * (gt_x - ex_x) / ex_w, wy * (gt_y - ex_y) / ex_h,
                           ww * jnp.log(gt_w / ex_w), wh * jnp.log(gt_h / ex_h)], axis=-1)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flaxbones.detection.boxes import box_iou
+from flaxbones.detection.boxes import box_iou, no_fma
 
 _TILE = 256
 _PREFIX = 1024  # candidates taken by top_k before falling back to a full sort
@@ -145,7 +145,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold, max_output, valid=None):
     def offsets(b, v, labels):
         trick = jnp.sum(v) * 4 <= _TRICK_MAX_NUMEL
         max_coord = jnp.max(jnp.where(v[:, None], b, -jnp.inf))
-        off = labels.astype(b.dtype) * (max_coord + jnp.asarray(1, b.dtype))
+        off = no_fma(labels.astype(b.dtype) * (max_coord + jnp.asarray(1, b.dtype)))
         b = jnp.where(trick, b + off[:, None], b)
         # under the trick every box shares one "class"; otherwise compare the real ids
         return b, jnp.where(trick, jnp.zeros_like(labels), labels)
