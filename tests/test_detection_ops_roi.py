@@ -105,3 +105,39 @@ def test_multiscale_two_levels_at_one_stride_map_to_the_first():
     out = np.asarray(MultiScaleRoIAlign(7, 2)(feats, [32, 32], b))
     np.testing.assert_allclose(out, ref, atol=_tol(ref))
     np.testing.assert_allclose(out, roi_align(feats[0], b, 7, 1 / 32, 2), atol=1e-6)
+
+
+def test_heatmaps_to_keypoints_matches_torchvision():
+    from torchvision.models.detection.roi_heads import heatmaps_to_keypoints as tv_decode
+
+    from flaxbones.detection.keypoints import heatmaps_to_keypoints
+    rng = np.random.default_rng(4)
+    h, w, k, r = 90, 130, 5, 18
+    maps = rng.normal(size=(2, r, k, 14, 14)).astype(np.float32)
+    x0 = rng.uniform(-3, w, (2, r)), rng.uniform(-3, h, (2, r))
+    size = np.exp(rng.uniform(-1, 5, (2, r, 2)))  # 0.4 .. 150 px: clamped to 1, every canvas
+    rois = np.stack([*x0, x0[0] + size[..., 0], x0[1] + size[..., 1]], -1)
+    rois = np.clip(rois, 0, [w, h, w, h]).astype(np.float32)  # many touch the image border
+    rois[0, :3] = [[0, 0, w, h], [w - 0.3, h - 0.6, w, h], [0.2, 3.7, 0.2, 3.7]]
+    kps, scores = jax.jit(lambda m, b: heatmaps_to_keypoints(m, b, (h, w)))(maps, rois)
+    assert kps.shape == (2, r, k, 3) and scores.shape == (2, r, k)
+    for i in range(2):
+        ref_k, ref_s = (t.numpy() for t in tv_decode(torch.from_numpy(maps[i]),
+                                                      torch.from_numpy(rois[i])))
+        np.testing.assert_allclose(np.asarray(scores[i]), ref_s, atol=1e-5)
+        diff = np.abs(np.asarray(kps[i]) - ref_k).max(-1)
+        for j, kk in zip(*np.nonzero(diff > 1e-4)):  # only a near tie may pick another pixel
+            bw, bh = max(rois[i, j, 2] - rois[i, j, 0], 1), max(rois[i, j, 3] - rois[i, j, 1], 1)
+            roi_map = torch.nn.functional.interpolate(
+                torch.from_numpy(maps[i, j, kk])[None, None], size=(int(np.ceil(bh)), int(np.ceil(bw))),
+                mode="bicubic", align_corners=False)[0, 0]
+            xi = round(float((kps[i, j, kk, 0] - rois[i, j, 0]) / (bw / np.ceil(bw))) - 0.5)
+            yi = round(float((kps[i, j, kk, 1] - rois[i, j, 1]) / (bh / np.ceil(bh))) - 0.5)
+            assert abs(float(roi_map[yi, xi]) - ref_s[j, kk]) <= 1e-5
+        assert (diff > 1e-4).mean() < 0.02, diff
+
+
+def test_heatmaps_to_keypoints_no_rois():
+    from flaxbones.detection.keypoints import heatmaps_to_keypoints
+    kps, scores = heatmaps_to_keypoints(jnp.zeros((0, 17, 56, 56)), jnp.zeros((0, 4)), (64, 64))
+    assert kps.shape == (0, 17, 3) and scores.shape == (0, 17)
