@@ -103,8 +103,11 @@ def _nms(boxes, scores, labels, iou_threshold, max_output, valid, offsets_fn):
              jnp.zeros((max_output,), jnp.int32 if labels is None else labels.dtype))
 
     def sorted_pass(carry, skip):
-        # the exact visiting order: valid first, score descending, index ascending (stable)
-        _, _, order = lax.sort((~valid, -scores, ids), num_keys=2, is_stable=True)
+        # the exact visiting order: valid first, score descending, index ascending (stable).
+        # `count >= 0` always holds; it ties the sort to the loop state so XLA cannot hoist the
+        # sort out of the run-at-most-once loop below (it did, under vmap: a sort every call)
+        live = valid & (carry[0] >= 0)
+        _, _, order = lax.sort((~live, -scores, ids), num_keys=2, is_stable=True)
         lab = None if labels is None else labels[order]
         alive = valid[order] & (ids >= skip)
         return _tiles(boxes[order], order, lab, alive, n_valid, thr, carry, skip // tile, tile)
