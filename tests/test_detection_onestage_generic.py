@@ -1,6 +1,8 @@
 """The generic `retinanet` builder on other backbone families: build, init and apply under jit
 at a tiny size (ResNet-18, MobileNetV3-Large, Xception-65, VGG-16), fixed-size outputs that
 respect each image's valid size; trainable_layers per family."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,11 +36,14 @@ def test_retinanet_on_any_backbone(backbone):
 
 
 def test_trainable_layers_per_family():
-    def frozen(backbone, layers):
-        return fb.create_model("retinanet", backbone=backbone, num_classes=2,
+    def frozen(backbone, layers, frozen_bn=False):
+        return fb.create_model("retinanet", backbone=backbone, num_classes=2, frozen_bn=frozen_bn,
                                trainable_layers=layers).frozen_param_patterns()
 
     assert frozen("resnet18", None) == ()
+    # frozen BN (the default): every backbone BN scale/bias too, buffers in torchvision
+    (bn,) = frozen("resnet18", None, frozen_bn=True)
+    assert re.match(bn, "backbone/layer4_1/bn2/scale") and not re.match(bn, "backbone/conv1/kernel")
     assert frozen("resnet18", 3) == ("backbone/conv1/", "backbone/bn1/", "backbone/layer1_")
     # torchvision's MobileNetV3 stages start at features 0, 2, 4, 7, 13, 16 (6 stages)
     assert frozen("mobilenet_v3_large", 6) == ()

@@ -1,6 +1,8 @@
 """RetinaNet v1/v2 against torchvision: same random weights through fb.load_pretrained, same
 transformed batch (two odd-sized images, min_size 96, max_size 128); pyramid, head outputs and
 detections; parameter counts; trainable_layers; a wrong weight file."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 import torchvision.models.detection as tvd
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.resnet import resnet50
+from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import flaxbones as fb
@@ -79,15 +82,24 @@ def test_weight_file_of_another_detector(case):
         fb.load_pretrained(other, case["path"], num_classes=5)
 
 
-@pytest.mark.parametrize("layers", [0, 3, 5])
-def test_trainable_layers_match_torchvision(layers):
+@pytest.mark.parametrize("name, layers", [("retinanet_resnet50_fpn", 0),
+                                          ("retinanet_resnet50_fpn", 3),
+                                          ("retinanet_resnet50_fpn", 5),
+                                          ("retinanet_resnet50_fpn_v2", 3)])
+def test_trainable_layers_match_torchvision(name, layers):
     """The frozen parameters are those torchvision's _resnet_fpn_extractor sets requires_grad
-    False on, mapped through the preset's key rules."""
-    body = _resnet_fpn_extractor(resnet50(), layers, [2, 3, 4], LastLevelP6P7(256, 256))
-    rules = fb.get_spec("retinanet_resnet50_fpn").weights.rules
+    False on, plus (v1) the FrozenBatchNorm2d scale/bias, buffers there; mapped through the
+    preset's key rules."""
+    v1 = name == "retinanet_resnet50_fpn"
+    norm = FrozenBatchNorm2d if v1 else torch.nn.BatchNorm2d
+    body = _resnet_fpn_extractor(resnet50(norm_layer=norm), layers, [2, 3, 4],
+                                 LastLevelP6P7(256, 256) if v1 else LastLevelP6P7(2048, 256))
+    rules = fb.get_spec(name).weights.rules
     want = {map_module_path("backbone." + n.rpartition(".")[0], rules)
             for n, p in body.named_parameters() if not p.requires_grad}
-    model = fb.create_model("retinanet_resnet50_fpn", num_classes=5, trainable_layers=layers)
+    want |= {map_module_path("backbone." + n, rules) for n, m in body.named_modules()
+             if isinstance(m, FrozenBatchNorm2d)}
+    model = fb.create_model(name, num_classes=5, trainable_layers=layers)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     mask = trainable_mask(shapes["params"], model.frozen_param_patterns())
     flat = jax.tree_util.tree_flatten_with_path(mask)[0]
@@ -108,3 +120,17 @@ def test_bad_inputs():
         model.init(jax.random.PRNGKey(0), images, np.array([[64, 64], [65, 64]]))
     with pytest.raises(NotImplementedError, match="issue 15"):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=True))
+
+
+def test_v1_legacy_head_keys(case, tmp_path):
+    """torchvision's RetinaNet v1 COCO file predates Conv2dNormActivation: its head towers are
+    `conv.{0,2,4,6}`; they load onto the same parameters."""
+    if case["name"] != "retinanet_resnet50_fpn":
+        pytest.skip("v1 only")
+    state = {re.sub(r"(head\.\w+_head\.conv)\.(\d)\.0\.", lambda m: f"{m[1]}.{2 * int(m[2])}.", k): v
+             for k, v in case["tv"].state_dict().items()}
+    assert "head.classification_head.conv.6.weight" in state
+    path = tmp_path / "legacy.pth"
+    torch.save(state, path)
+    legacy = fb.load_pretrained(case["name"], path, num_classes=5)
+    jax.tree.map(np.testing.assert_array_equal, legacy, case["variables"])

@@ -170,7 +170,13 @@ class DenseDetector(nn.Module):
     trainable_layers: int | None = None
 
     def frozen_param_patterns(self) -> tuple[str, ...]:
-        return backbone_frozen_patterns(self.backbone, self.trainable_layers)
+        """Param-path regexes torchvision would not train: the backbone stages before the last
+        `trainable_layers`, and with frozen BN every backbone BN scale/bias (buffers in
+        torchvision's FrozenBatchNorm2d)."""
+        from flaxbones.detection.rcnn import frozen_bn_patterns
+
+        return (backbone_frozen_patterns(self.backbone, self.trainable_layers)
+                + frozen_bn_patterns(self.backbone))
 
     def level_scores(self, outputs: dict):
         raise NotImplementedError
