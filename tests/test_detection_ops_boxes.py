@@ -15,6 +15,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from flaxbones.detection import anchors as A
 from flaxbones.detection import boxes as B
+from flaxbones.detection import nms as N
 
 
 def _random_boxes(rng, n, lo=-20.0, hi=120.0, min_wh=0.0, max_wh=60.0):
@@ -190,7 +191,6 @@ def test_default_box_generator_matches_torchvision(kind, image_shape):
 
 
 # ----------------------------------------------------------------------------------------- NMS
-from flaxbones.detection import nms as N  # noqa: E402
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
@@ -390,7 +390,7 @@ def test_nms_thresholds_equal_to_actual_ious():
     s = rng.random(300).astype(np.float32)
     iou = torchvision.ops.box_iou(_t(b), _t(b)).numpy()
     order = np.argsort(-s, kind="stable")
-    cand = [iou[order[i], order[i + 1 + k]] for i in range(0, 40) for k in range(3)]
+    cand = [iou[order[i], order[i + 1 + k]] for i in range(40) for k in range(3)]
     cand = [float(v) for v in cand if 0.2 < v < 0.9][:12]
     assert len(cand) >= 6
     for thr in cand:

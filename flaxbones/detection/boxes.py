@@ -6,11 +6,15 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def _int_like(x):
+    return jnp.dtype(f"int{jnp.dtype(x.dtype).itemsize * 8}")
+
+
 def no_fma(x):
-    """Identity on float32 `x` that XLA cannot contract into a fused multiply-add with the add
+    """Identity on `x` that XLA cannot contract into a fused multiply-add with the add
     that follows (XLA always lets LLVM fuse a*b+c on CPU/GPU; torch rounds each op), so sums of
     products round bit for bit as torchvision's. i*(i+1) is even for any int32, so z == 0."""
-    i = lax.bitcast_convert_type(x, jnp.int32)
+    i = lax.bitcast_convert_type(x, _int_like(x))
     return lax.bitcast_convert_type(i ^ ((i * (i + 1)) & 1), x.dtype)
 
 
@@ -20,8 +24,8 @@ def div_scalar(x, w):
     a per-element divisor, made opaque as in no_fma, keeps the real divide."""
     if isinstance(w, (int, float)) and math.frexp(w)[0] in (0.5, -0.5):
         return x / jnp.asarray(w, x.dtype)
-    i = lax.bitcast_convert_type(x, jnp.int32)
-    d = lax.bitcast_convert_type(jnp.full(x.shape, w, x.dtype), jnp.int32) ^ ((i * (i + 1)) & 1)
+    i = lax.bitcast_convert_type(x, _int_like(x))
+    d = lax.bitcast_convert_type(jnp.full(x.shape, w, x.dtype), _int_like(x)) ^ ((i * (i + 1)) & 1)
     return x / lax.bitcast_convert_type(d, x.dtype)
 
 
