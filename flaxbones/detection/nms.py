@@ -24,7 +24,7 @@ _TRICK_MAX_NUMEL = 4000
 def _threshold(iou_threshold):
     """float32 t with (iou > t) == (float64(iou) > iou_threshold): torchvision's kernel compares the
     float32 IoU with the threshold as a double, so round the threshold down, not to nearest."""
-    if isinstance(iou_threshold, (jax.Array, jax.core.Tracer)):
+    if isinstance(iou_threshold, jax.Array):  # tracers are jax.Arrays too
         return jnp.asarray(iou_threshold, jnp.float32)  # traced: nearest float32 (documented)
     t = np.float32(iou_threshold)
     if float(t) > float(iou_threshold):
