@@ -48,8 +48,8 @@ def _decode_one(maps, hc, wc, shape):
 
 
 def _ladder(bound, smallest=64):
-    sizes = [min(smallest << i, bound) for i in range(max(1, math.ceil(math.log2(bound / smallest)) + 1))]
-    return sorted(set(sizes))
+    steps = max(1, math.ceil(math.log2(bound / smallest)) + 1)
+    return sorted({min(smallest << i, bound) for i in range(steps)})
 
 
 def heatmaps_to_keypoints(maps, rois, image_shape):

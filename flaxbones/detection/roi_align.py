@@ -1,4 +1,5 @@
-"""RoIAlign (torchvision.ops.roi_align's CPU kernel arithmetic) and torchvision's multi-scale
+"""RoIAlign (torchvision.ops.roi_align's CPU kernel arithmetic op for op, FMAs and reciprocal
+divisions blocked, so float32 results agree bit for bit on CPU) and torchvision's multi-scale
 RoIAlign with the FPN level mapping, on NHWC features, vectorised gathers, static shapes."""
 import dataclasses
 import math
@@ -6,6 +7,8 @@ from typing import Sequence
 
 import jax.numpy as jnp
 from jax import lax
+
+from flaxbones.detection.boxes import box_area, div_scalar, no_fma
 
 
 def _pair(size):
@@ -18,11 +21,14 @@ def _axis_taps(start, bin_size, grid, bins, slots, length):
     clamped at the last row; slots >= grid weigh 0)."""
     p = jnp.arange(bins, dtype=jnp.float32)[:, None]
     i = jnp.arange(slots, dtype=jnp.float32)[None, :]
-    g = grid[..., None, None]
-    keep = i < g  # grids <= 0 (aligned, empty roi) sample nothing
-    g = jnp.maximum(g, 1).astype(jnp.float32)
     start, bin_size, ln = start[..., None, None], bin_size[..., None, None], length[..., None, None]
-    coord = start + p * bin_size + (i + 0.5) * bin_size / g
+    if isinstance(grid, int):
+        keep, step = True, div_scalar((i + 0.5) * bin_size, float(grid))
+    else:
+        g = grid[..., None, None]
+        keep = i < g  # grids <= 0 (aligned, empty roi) sample nothing
+        step = div_scalar((i + 0.5) * bin_size, jnp.maximum(g, 1).astype(jnp.float32))
+    coord = start + no_fma(p * bin_size) + step
     keep = keep & (coord >= -1.0) & (coord <= ln.astype(jnp.float32))
     c = jnp.clip(coord, 0.0, ln.astype(jnp.float32))
     low = c.astype(jnp.int32)
@@ -41,19 +47,19 @@ def _roi_align_flat(flat, base, heights, widths, scale, boxes, output_size, samp
     gathers live at once."""
     oh, ow = output_size
     offset = 0.5 if aligned else 0.0
-    x0, y0, x1, y1 = (boxes[..., k] * scale - offset for k in range(4))
+    x0, y0, x1, y1 = (no_fma(boxes[..., k] * scale) - offset for k in range(4))
     rw, rh = x1 - x0, y1 - y0
     if not aligned:
         rw, rh = jnp.maximum(rw, 1.0), jnp.maximum(rh, 1.0)
-    bw, bh = rw / ow, rh / oh
+    bw, bh = div_scalar(rw, ow), div_scalar(rh, oh)
     if sampling_ratio > 0:
-        gy = gx = jnp.full(rw.shape, sampling_ratio, jnp.int32)
-        sy = sx = sampling_ratio
+        gy = gx = sy = sx = sampling_ratio
+        count = float(sampling_ratio * sampling_ratio)
     else:
         sy, sx = max_grid
-        gy = jnp.minimum(jnp.ceil(rh / oh).astype(jnp.int32), sy)
-        gx = jnp.minimum(jnp.ceil(rw / ow).astype(jnp.int32), sx)
-    count = jnp.maximum(gy * gx, 1).astype(jnp.float32)
+        gy = jnp.minimum(jnp.ceil(bh).astype(jnp.int32), sy)
+        gx = jnp.minimum(jnp.ceil(bw).astype(jnp.int32), sx)
+        count = jnp.maximum(gy * gx, 1).astype(jnp.float32)[..., None, None, None]
     ylo, yhi, wyl, wyh = _axis_taps(y0, bh, gy, oh, sy, heights)
     xlo, xhi, wxl, wxh = _axis_taps(x0, bw, gx, ow, sx, widths)
     row = lambda y: (base[..., None] + y * widths[..., None])[..., :, None]
@@ -63,14 +69,15 @@ def _roi_align_flat(flat, base, heights, widths, scale, boxes, output_size, samp
         iy, ix = k // sx, k % sx
         ry, rx = (lambda a: a[..., iy]), (lambda a: a[..., ix])
         r0, r1, c0, c1 = row(ry(ylo)), row(ry(yhi)), col(rx(xlo)), col(rx(xhi))
-        hy, ly, hx, lx = ry(wyl)[..., :, None], ry(wyh)[..., :, None], rx(wxl)[..., None, :], rx(wxh)[..., None, :]
-        v = ((hy * hx)[..., None] * flat[r0 + c0] + (hy * lx)[..., None] * flat[r0 + c1]
-             + (ly * hx)[..., None] * flat[r1 + c0] + (ly * lx)[..., None] * flat[r1 + c1])
-        return acc + v
+        hy, ly = ry(wyl)[..., :, None], ry(wyh)[..., :, None]
+        hx, lx = rx(wxl)[..., None, :], rx(wxh)[..., None, :]
+        term = lambda w, i: no_fma(w[..., None] * flat[i])  # w1 * v1 + ... rounded per op
+        return acc + (term(hy * hx, r0 + c0) + term(hy * lx, r0 + c1)
+                      + term(ly * hx, r1 + c0) + term(ly * lx, r1 + c1))
 
     acc = jnp.zeros((*boxes.shape[:-1], oh, ow, flat.shape[-1]), flat.dtype)
     acc = lax.fori_loop(0, sy * sx, body, acc, unroll=sy * sx <= 16)
-    return acc / count[..., None, None, None]
+    return div_scalar(acc, count)
 
 
 def roi_align(features, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -99,9 +106,9 @@ def roi_levels(boxes, k_min: int, k_max: int, canonical_scale=224, canonical_lev
     """torchvision's LevelMapper: the pyramid level index (0 = k_min) of each box (..., 4),
     floor(k0 + log2(sqrt(area) / s0) + eps) clamped; -1 where the area is negative (NaN in
     torchvision, whose rois then pool nothing)."""
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    s = jnp.sqrt(area)
-    lvl = jnp.floor(canonical_level + jnp.log2(s / canonical_scale) + jnp.float32(eps))
+    s = jnp.sqrt(box_area(boxes))
+    lvl = canonical_level + jnp.log2(div_scalar(s, float(canonical_scale)))
+    lvl = jnp.floor(lvl + jnp.float32(eps))
     lvl = jnp.clip(lvl, k_min, k_max)
     return jnp.where(jnp.isnan(lvl), -1, lvl.astype(jnp.int32) - k_min)
 
@@ -109,7 +116,8 @@ def roi_levels(boxes, k_min: int, k_max: int, canonical_scale=224, canonical_lev
 @dataclasses.dataclass(frozen=True)
 class MultiScaleRoIAlign:
     """torchvision.ops.MultiScaleRoIAlign (aligned=False) over pyramid levels given finest
-    first with their static `strides`; every roi is pooled from its mapped level in one gather.
+    first with their static `strides` (powers of 2); every roi is pooled from its mapped level,
+    all levels in one pass over one concatenated buffer.
 
     torchvision infers each level's scale as 2**round(log2(feature height / largest valid
     image height)); that equals our 1 / stride whenever the padded batch height is below
@@ -123,6 +131,8 @@ class MultiScaleRoIAlign:
     def __call__(self, features: Sequence, strides: Sequence[int], boxes):
         if len(features) != len(strides):
             raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
+        if any(s < 1 or s & (s - 1) for s in strides):
+            raise ValueError(f"strides must be powers of 2 as torchvision's scales, got {strides}")
         n, _, _, c = features[0].shape
         r = boxes.shape[1]
         boxes = boxes.astype(jnp.float32)
