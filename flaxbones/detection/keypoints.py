@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flaxbones.detection.boxes import no_fma
+
 _A = -0.75  # torch's bicubic convolution constant
 
 
@@ -82,7 +84,8 @@ def heatmaps_to_keypoints(maps, rois, image_shape):
         scores = jnp.zeros((0, k), jnp.float32)
     else:
         yi, xi, scores = lax.map(one, (maps, hc, wc, branch))
-    x = (xi.astype(jnp.float32) + 0.5) * (w / wc.astype(jnp.float32))[:, None] + rois[:, 0, None]
-    y = (yi.astype(jnp.float32) + 0.5) * (h / hc.astype(jnp.float32))[:, None] + rois[:, 1, None]
+    x = no_fma((xi.astype(jnp.float32) + 0.5) * (w / wc.astype(jnp.float32))[:, None])
+    y = no_fma((yi.astype(jnp.float32) + 0.5) * (h / hc.astype(jnp.float32))[:, None])
+    x, y = x + rois[:, 0, None], y + rois[:, 1, None]
     kps = jnp.stack([x, y, jnp.ones_like(x)], -1)
     return kps.reshape(*lead, k, 3), scores.reshape(*lead, k)
