@@ -122,7 +122,7 @@ def match_detections(expected: list, out: dict, score_thresh: float, tol=1e-4, e
         used = np.zeros(len(got["boxes"]), bool)
         last = min(ref["scores"].min(initial=np.inf), got["scores"].min(initial=np.inf))
 
-        def excusable(score, label, other):
+        def excusable(score, label, other, last=last):
             """At the threshold, at the last kept score, or an NMS tie: the other side kept
             a box of the same label and score (a different box of equal score survived)."""
             tie = np.any((other["labels"] == label) & (np.abs(other["scores"] - score) <= edge))

@@ -10,6 +10,7 @@ import torchvision.models.detection as tvd
 
 import flaxbones as fb
 import flaxbones.detection.fcos  # noqa: F401  (registers the presets)
+import flaxbones.detection.retinanet  # noqa: F401
 import onestage_ref as ref_utils
 import torch_ref
 
@@ -59,7 +60,6 @@ def test_parameter_counts(case):
 
 
 def test_weight_file_of_another_detector(case):
-    import flaxbones.detection.retinanet  # noqa: F401
     with pytest.raises(ValueError, match="nothing was loaded"):
         fb.load_pretrained("retinanet_resnet50_fpn", case["path"], num_classes=5)
 

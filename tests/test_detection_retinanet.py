@@ -127,7 +127,8 @@ def test_v1_legacy_head_keys(case, tmp_path):
     `conv.{0,2,4,6}`; they load onto the same parameters."""
     if case["name"] != "retinanet_resnet50_fpn":
         pytest.skip("v1 only")
-    state = {re.sub(r"(head\.\w+_head\.conv)\.(\d)\.0\.", lambda m: f"{m[1]}.{2 * int(m[2])}.", k): v
+    old = lambda m: f"{m[1]}.{2 * int(m[2])}."  # noqa: E731
+    state = {re.sub(r"(head\.\w+_head\.conv)\.(\d)\.0\.", old, k): v
              for k, v in case["tv"].state_dict().items()}
     assert "head.classification_head.conv.6.weight" in state
     path = tmp_path / "legacy.pth"

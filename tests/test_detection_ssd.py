@@ -4,7 +4,6 @@ fb.load_pretrained, the same transformed batch (two odd-sized images resized to 
 counts; trainable_layers; another detector's weight file."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 import torchvision.models.detection as tvd
@@ -21,7 +20,9 @@ import torch_ref
 from flaxbones.detection.base import trainable_mask
 from flaxbones.weights.convert import map_module_path
 
-PRESETS = {"ssd300_vgg16": (35641826, 0.01, 200), "ssdlite320_mobilenet_v3_large": (3440060, 0.001, 300)}
+# published parameter count, score threshold, detections per image
+PRESETS = {"ssd300_vgg16": (35641826, 0.01, 200),
+           "ssdlite320_mobilenet_v3_large": (3440060, 0.001, 300)}
 
 
 def _torchvision(name, seed):
@@ -66,7 +67,8 @@ def test_maps_and_head_outputs(case):
 
 def test_detections_one_to_one(case):
     _, thresh, k = PRESETS[case["name"]]
-    pairs, worst, excused = ref_utils.match_detections(case["ref"]["detections"], case["out"], thresh)
+    pairs, worst, excused = ref_utils.match_detections(case["ref"]["detections"], case["out"],
+                                                       thresh)
     assert pairs >= 100 and worst <= 1e-4, (pairs, worst, excused)
     assert case["out"]["boxes"].shape == (2, k, 4)
 

@@ -83,7 +83,9 @@ def final_detections(boxes, scores, labels, valid, nms_thresh: float, detections
     `boxes`, `scores`, `labels` (int32), `valid`, valid first by descending score; invalid
     slots hold zeros."""
     keep, kept = batched_nms(boxes, scores, labels, nms_thresh, detections, valid)
-    zero = lambda x: jnp.where(kept.reshape(kept.shape + (1,) * (x.ndim - 1)), x[keep], 0)  # noqa: E731
+    def zero(x):
+        return jnp.where(kept.reshape(kept.shape + (1,) * (x.ndim - 1)), x[keep], 0)
+
     return {"boxes": zero(boxes), "scores": zero(scores),
             "labels": zero(labels).astype(jnp.int32), "valid": kept}
 
@@ -139,7 +141,8 @@ def backbone_frozen_patterns(backbone: nn.Module, trainable_layers: int | None) 
         return sequence_frozen_patterns(trainable_layers, [0, *strided, n - 1],
                                         [f"features_{i}" for i in range(n)])
     if isinstance(backbone, VGG):
-        units = [f"conv{s + 1}_{j + 1}" for s, w in enumerate(backbone.stages) for j in range(len(w))]
+        units = [f"conv{s + 1}_{j + 1}" for s, w in enumerate(backbone.stages)
+                 for j in range(len(w))]
         starts = [sum(len(w) for w in backbone.stages[:s]) for s in range(len(backbone.stages))]
         return sequence_frozen_patterns(trainable_layers, starts, units)
     raise ValueError(f"trainable_layers is defined for ResNet, MobileNetV3 and VGG backbones "

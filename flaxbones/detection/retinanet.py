@@ -43,7 +43,8 @@ class RetinaNetHead(ConvNormModule):
         conv = self.conv_def(use_bias=True, kernel_init=normal_001)
         norm = group_norm(32, self.dtype, self.param_dtype) if self.norm else None
         a, k = self.num_anchors, self.num_classes
-        cls = DenseBranch(self.channels, (("cls_logits", a * k, prior_bias(self.prior_probability)),),
+        prior = prior_bias(self.prior_probability)
+        cls = DenseBranch(self.channels, (("cls_logits", a * k, prior),),
                           conv, norm, tower_bias=norm is None, name="classification_head")
         reg = DenseBranch(self.channels, (("bbox_reg", a * 4, nn.initializers.zeros),), conv, norm,
                           tower_bias=norm is None, name="regression_head")
@@ -84,9 +85,9 @@ def retinanet(backbone: Any = "resnet50", num_classes: int = 91,
               **backbone_kwargs) -> RetinaNet:
     """RetinaNet on any backbone (a registered name or a Module): FPN on `fpn_levels` plus
     P6/P7 (`extra` 'p6p7' from P5, 'p6p7_c5' from the last level), 3 scales x
-    `aspect_ratios` anchors per level (sizes 4x the level's stride, torchvision's 32 ... 512), torchvision's postprocess options. The backbone's BN
-    is torchvision's FrozenBatchNorm (`frozen_bn`); `trainable_layers` as torchvision's
-    trainable_backbone_layers (None: all)."""
+    `aspect_ratios` anchors per level (sizes 4x the level's stride, torchvision's 32 ... 512),
+    torchvision's postprocess options. The backbone's BN is torchvision's FrozenBatchNorm
+    (`frozen_bn`); `trainable_layers` as torchvision's trainable_backbone_layers (None: all)."""
     check_num_classes(num_classes)
     bb, common = detection_backbone(backbone, fpn_levels, frozen_bn, **backbone_kwargs)
     neck = FPN(tuple(fpn_levels), fpn_channels, extra, **common)

@@ -71,7 +71,8 @@ class SSD(nn.Module):
         outputs = self.head(maps)
         if self.is_initializing():  # nothing sown, no postprocess (it has no parameters)
             return empty_detections(images.shape[0], self.detections_per_img)
-        anchors = jnp.asarray(self.anchor_generator(images.shape[1:3], [x.shape[1:3] for x in maps]))
+        shapes = [x.shape[1:3] for x in maps]
+        anchors = jnp.asarray(self.anchor_generator(images.shape[1:3], shapes))
         sown = {**{f"map_{i}": x for i, x in enumerate(maps)}, **outputs, "anchors": anchors}
         for name, value in sown.items():
             self.sow("intermediates", name, value)
@@ -124,7 +125,8 @@ class SSDVGG16(ConvNormModule):
                 maps = [(scale * (x / jnp.maximum(norm, 1e-12))).astype(x.dtype)]
         extra = self.conv_def(use_bias=True, kernel_init=xavier)
         x = pool(x, 3, 1, padding=1)
-        x = nn.relu(extra(1024, (3, 3), padding=((6, 6), (6, 6)), kernel_dilation=6, name="conv6")(x))
+        x = nn.relu(extra(1024, (3, 3), padding=((6, 6), (6, 6)), kernel_dilation=6,
+                          name="conv6")(x))
         maps.append(x := nn.relu(extra(1024, (1, 1), name="conv7")(x)))
         for i, (mid, out, stride, pad) in enumerate(self.EXTRAS, 8):
             x = nn.relu(extra(mid, (1, 1), name=f"conv{i}_1")(x))
@@ -143,8 +145,10 @@ def _ssd300_rules() -> tuple:
             rules.append((rf"backbone\.features\.{index}", f"backbone/conv{s + 1}_{j + 1}/conv"))
             index += 2
         index += 1
-    rules += [(rf"backbone\.extra\.0\.{2 * j + 1}", f"backbone/conv5_{j + 1}/conv") for j in range(3)]
-    rules += [(r"backbone\.extra\.0\.7\.1", "backbone/conv6"), (r"backbone\.extra\.0\.7\.3", "backbone/conv7")]
+    rules += [(rf"backbone\.extra\.0\.{2 * j + 1}", f"backbone/conv5_{j + 1}/conv")
+              for j in range(3)]
+    rules += [(r"backbone\.extra\.0\.7\.1", "backbone/conv6"),
+              (r"backbone\.extra\.0\.7\.3", "backbone/conv7")]
     rules += [(rf"backbone\.extra\.{i}\.{2 * j}", f"backbone/conv{i + 7}_{j + 1}")
               for i in range(1, 5) for j in range(2)]
     rules += [(rf"head\.{b}\.module_list\.(\d)", rf"head/{b}_conv_\1")

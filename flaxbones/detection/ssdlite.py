@@ -14,7 +14,8 @@ from flaxbones.detection.base import check_num_classes
 from flaxbones.detection.onestage import flatten_level, sequence_frozen_patterns
 from flaxbones.detection.retinanet import torchvision_detector_source
 from flaxbones.detection.ssd import SSD
-from flaxbones.layers import ConvNormAct, ConvNormModule, InvertedResidual, SqueezeExcite, make_divisible
+from flaxbones.layers import (ConvNormAct, ConvNormModule, InvertedResidual, SqueezeExcite,
+                              make_divisible)
 from flaxbones.registry import register_model
 
 # torchvision's `reduced_tail=True` (what the COCO weights use): the last stage at half width.
@@ -39,7 +40,8 @@ class SSDLiteMobileNetV3(ConvNormModule):
         """`_mobilenet_extractor`: units before the last `trainable_layers` of the 6 stages."""
         n = len(self.blocks) + 2
         starts = [0, *(i for i, b in enumerate(self.blocks, 1) if b[-1] > 1), n - 1]
-        return sequence_frozen_patterns(trainable_layers, starts, [f"features_{i}" for i in range(n)])
+        units = [f"features_{i}" for i in range(n)]
+        return sequence_frozen_patterns(trainable_layers, starts, units)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -144,7 +146,8 @@ def _ssdlite_rules(blocks=LARGE_REDUCED) -> tuple:
         for k, part in enumerate(parts):
             to = f"backbone/features_{n}/{part}"
             if n == c4:  # expansion in features.0.{c4}, the rest in features.1.0.{k}
-                at = rf"backbone\.features\.0\.{c4}" if k == 0 else rf"backbone\.features\.1\.0\.{k}"
+                at = (rf"backbone\.features\.0\.{c4}" if k == 0
+                      else rf"backbone\.features\.1\.0\.{k}")
             else:
                 at = rf"backbone\.features\.{half}\.{index}\.block\.{k}"
             if part == "se":
