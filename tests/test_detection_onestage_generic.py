@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import flaxbones as fb
-import flaxbones.detection.retinanet  # noqa: F401  (registers the builders)
+import flaxbones.detection.fcos  # noqa: F401  (registers the builders)
+import flaxbones.detection.retinanet  # noqa: F401
 
 # init's RNG is compiled per parameter shape; the rbg key keeps that compile short
 KEY = jax.random.key(1, impl="unsafe_rbg")
@@ -53,3 +54,36 @@ def test_trainable_layers_per_family():
         frozen("xception65", 2)
     with pytest.raises(ValueError, match=r"\[0, 5\]"):
         frozen("resnet18", 6)
+
+
+def test_retinanet_on_a_backbone_module():
+    backbone = fb.create_backbone("resnet18", frozen_bn=True, out_features=("C3", "C4", "C5"))
+    model = fb.create_model("retinanet", backbone=backbone, num_classes=3)
+    assert model.backbone.out_features == ("C3", "C4", "C5")
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    assert shapes["params"]["neck"]["lateral_0"]["kernel"].shape == (1, 1, 128, 256)
+    with pytest.raises(ValueError, match="C2"):
+        fb.create_model("fcos", backbone=backbone, fpn_levels=("C2", "C3", "C4", "C5"))
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2",
+                                  "fcos_resnet50_fpn", "ssd300_vgg16",
+                                  "ssdlite320_mobilenet_v3_large"])
+def test_transform_defaults_match_torchvision(name):
+    """What api.predict reads off the weight source is torchvision's transform of the preset."""
+    import torchvision.models.detection as tvd
+
+    import flaxbones.detection.ssdlite  # noqa: F401  (and ssd)
+
+    tv = getattr(tvd, name)(weights=None, weights_backbone=None).transform
+    source = fb.get_spec(name).weights
+    np.testing.assert_allclose(source.mean, tv.image_mean)
+    np.testing.assert_allclose(source.std, tv.image_std)
+    transform = dict(source.transform)
+    assert transform["size_divisible"] == tv.size_divisible
+    if tv.fixed_size is not None:
+        assert transform["fixed_size"] == tv.fixed_size and source.input_size == tv.fixed_size[0]
+    else:
+        assert (transform["min_size"], transform["max_size"]) == (tv.min_size[0], tv.max_size)
+        assert source.input_size == tv.min_size[0]
+    assert source.num_classes == 91

@@ -125,9 +125,12 @@ def tower_rules(branch: str, norm: bool) -> tuple:
 
 def torchvision_detector_source(rules, num_classes: int = 91, transform=DETECTION_TRANSFORM,
                                 **normalisation) -> WeightSource:
-    """A torchvision COCO detector's weights (91 classes incl. background)."""
+    """A torchvision COCO detector's weights (91 classes incl. background); `input_size` is
+    the transform's min_size, or its fixed size."""
+    settings = dict(transform)
+    size = settings["fixed_size"][0] if "fixed_size" in settings else settings["min_size"]
     return WeightSource("torchvision", tuple(rules), num_classes=num_classes,
-                        head_prefix=("head/",), input_size=dict(transform).get("min_size", 300),
+                        head_prefix=("head/",), input_size=size,
                         transform=tuple(transform), **(normalisation or TORCH_IMAGENET))
 
 
