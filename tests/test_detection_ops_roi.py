@@ -77,7 +77,8 @@ def _tv_multiscale(feats, strides, b, image_sizes, output_size, sr):
     return out.permute(0, 2, 3, 1).numpy().reshape(n, r, *out.shape[2:], feats[0].shape[-1])
 
 
-def test_multiscale_fpn_levels_match_torchvision():
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_multiscale_fpn_levels_match_torchvision(sampling_ratio):
     rng = np.random.default_rng(2)
     strides = [4, 8, 16, 32]
     feats = [rng.normal(size=(2, 480 // s, 640 // s, 4)).astype(np.float32) for s in strides]
@@ -86,8 +87,8 @@ def test_multiscale_fpn_levels_match_torchvision():
     b[..., 2:] = b[..., :2] + np.concatenate([side * aspect, side / aspect], -1)  # 1 .. 735 px
     b[:, 0] = [30.0, 40.0, 30.0, 90.0]  # zero area: the finest level
     b[:, 1] = [50.0, 40.0, 20.0, 90.0]  # inverted: torchvision pools nothing (NaN level)
-    ref = _tv_multiscale(feats, strides, b, [(450, 610), (470, 601)], (7, 7), 2)
-    m = MultiScaleRoIAlign(7, 2)
+    ref = _tv_multiscale(feats, strides, b, [(450, 610), (470, 601)], (7, 7), sampling_ratio)
+    m = MultiScaleRoIAlign(7, sampling_ratio)
     out = np.asarray(jax.jit(lambda f, b: m(f, strides, b))(feats, b))
     np.testing.assert_allclose(out, ref, atol=_tol(ref))
     assert not out[:, 1].any()
