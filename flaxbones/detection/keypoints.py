@@ -61,7 +61,11 @@ def heatmaps_to_keypoints(maps, rois, image_shape):
     `image_shape` (H, W) statically bounds the roi sizes (rois clipped to the image; a larger
     one is decoded on the H x W canvas). Rois are decoded one at a time (lax.map), each on the
     smallest canvas of a power-of-two ladder (64, 128, ... up to H and W per axis, lax.switch)
-    that holds its ceil size, so cost follows the roi's area, not the image's.
+    that holds its ceil size, so cost follows the roi's area, not the image's. Measured for
+    100 rois x 17 keypoints, 56x56 maps, 800x1333 bound, 2 CPU cores: 0.3 s for 50-300 px rois,
+    6 s if every roi is the whole image (torchvision eager: 2.9 s, 31 s); one canvas (at most
+    17 x 800 x 1333 floats, 72 MB) is live at a time. Call it on flattened rois, not under vmap
+    (vmap turns the switch into computing every canvas).
     """
     lead, (k, hm, wm) = rois.shape[:-1], maps.shape[-3:]
     maps = maps.reshape(-1, k, hm, wm).astype(jnp.float32)
