@@ -37,7 +37,7 @@ class RCNN(nn.Module):
     all zero; Mask R-CNN adds `masks` (N, K, 28, 28) probabilities of the detected class,
     Keypoint R-CNN `keypoints` (N, K, 17, 3) and `keypoint_scores` (N, K, 17).
     Intermediates (`mutable=['intermediates']`): backbone and FPN features, the RPN's
-    objectness/deltas, `proposals` + `proposal_valid`, class logits and box regression.
+    objectness/deltas, `proposals` + `proposal_valid` + `proposal_scores`, class logits and box regression.
 
     `trainable_layers` is torchvision's `trainable_backbone_layers` (None: all trainable),
     realised by `frozen_param_patterns()` for `detection.base.trainable_mask`.
@@ -71,9 +71,10 @@ class RCNN(nn.Module):
         pyramid = self.neck(features, train=False)
         self.sow("intermediates", "features", pyramid)
         levels = list(pyramid.values())
-        proposals, valid, _ = self.rpn(levels, images.shape[1:3], image_sizes)
+        proposals, valid, scores = self.rpn(levels, images.shape[1:3], image_sizes)
         self.sow("intermediates", "proposals", proposals)
         self.sow("intermediates", "proposal_valid", valid)
+        self.sow("intermediates", "proposal_scores", scores)
         n = len(self.neck.in_levels)  # RoIAlign reads the FPN levels, not the pooled extra
         strides = [f.stride for f in self.feature_info][:n]
         return self.roi_heads(levels[:n], strides, proposals, valid, image_sizes,
