@@ -293,6 +293,27 @@ def test_another_detectors_weights_are_refused(tmp_path, file_of, loaded_as, nam
     assert "unexpected in the file" in str(err.value) and named in str(err.value)
 
 
+def _legacy(key: str) -> str:
+    """torchvision's key before its module version 2 (what its 2019 COCO files hold)."""
+    key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
+    key = re.sub(r"\.fpn\.(inner|layer)_blocks\.(\d)\.0\.", r".fpn.\1_blocks.\2.", key)
+    return re.sub(r"mask_head\.(\d)\.0\.", lambda m: f"mask_head.mask_fcn{int(m[1]) + 1}.", key)
+
+
+def test_legacy_key_names_load_the_same(tmp_path):
+    from torchvision.models import detection as tvd
+    ref = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    legacy = {_legacy(k): v for k, v in state.items()}
+    assert sum(a != b for a, b in zip(state, legacy)) == 2 + 16 + 8  # rpn, fpn, mask convs
+    torch.save(state, tmp_path / "new.pth")
+    torch.save(legacy, tmp_path / "old.pth")
+    load = lambda f: traverse_util.flatten_dict(
+        fb.load_pretrained("maskrcnn_resnet50_fpn", tmp_path / f, num_classes=3))
+    new, old = load("new.pth"), load("old.pth")
+    assert new.keys() == old.keys() and all(np.array_equal(new[k], old[k]) for k in new)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="num_classes"):
         fb.create_model("fasterrcnn", backbone="resnet18", num_classes=0)
@@ -330,3 +351,14 @@ def test_generic_builders_on_any_backbone(detector, backbone):
         assert valid.any() and valid[:valid.sum()].all()
         boxes = np.asarray(out["boxes"][i])
         assert np.isfinite(boxes).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+
+
+def test_bfloat16_compute():
+    """bf16 compute (params and RoIAlign sampling in fp32) runs and detects."""
+    model = fb.create_model("maskrcnn", backbone="resnet18", num_classes=3, dtype=jnp.bfloat16,
+                            detections_per_img=5, rpn_post_nms_top_n=32)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    variables = jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), x)
+    out = jax.jit(model.apply)(variables, x, jnp.asarray([[60, 50]], jnp.int32))
+    assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+    assert np.asarray(out["valid"]).any() and np.isfinite(np.asarray(out["masks"])).all()

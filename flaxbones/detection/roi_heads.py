@@ -67,6 +67,9 @@ class RoIHeads(nn.Module):
 
     def __call__(self, features, strides, proposals, proposal_valid, image_sizes, image_shape,
                  train: bool = False):
+        # RoIAlign samples in float32 whatever the compute dtype (bf16 features would also
+        # trip roi_align's float32 weights in its loop carry); the heads cast back.
+        features = [f.astype(jnp.float32) for f in features]
         pool = lambda size, boxes: MultiScaleRoIAlign(size, self.sampling_ratio)(
             features, list(strides), boxes)
         x = self.box_head(pool(self.box_pool_size, proposals), train=train)
