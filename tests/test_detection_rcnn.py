@@ -293,6 +293,18 @@ def test_another_detectors_weights_are_refused(tmp_path, file_of, loaded_as, nam
     assert "unexpected in the file" in str(err.value) and named in str(err.value)
 
 
+def test_skip_head_keeps_all_but_the_class_layers(tmp_path):
+    """Fine-tuning COCO weights on other classes: only the class-specific layers re-init."""
+    from torchvision.models import detection as tvd
+    ref = tvd.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)  # 91 classes
+    path = torch_ref.save_state(ref, tmp_path / "coco.pth")
+    _, report = fb.load_pretrained("maskrcnn_resnet50_fpn", path, num_classes=3, skip_head=True,
+                                   return_report=True)
+    assert sorted(report.skipped) == [f"params/roi_heads/{m}/{leaf}" for m in (
+        "box_predictor/bbox_pred", "box_predictor/cls_score", "mask_predictor/mask_fcn_logits")
+        for leaf in ("bias", "kernel")]
+
+
 def _legacy(key: str) -> str:
     """torchvision's key before its module version 2 (what its 2019 COCO files hold)."""
     key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
