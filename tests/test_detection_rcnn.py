@@ -374,3 +374,18 @@ def test_bfloat16_compute():
     out = jax.jit(model.apply)(variables, x, jnp.asarray([[60, 50]], jnp.int32))
     assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
     assert np.asarray(out["valid"]).any() and np.isfinite(np.asarray(out["masks"])).all()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_transform_defaults_match_torchvision(name):
+    """What api.predict reads off the weight source is torchvision's eval transform."""
+    from torchvision.models import detection as tvd
+    tv = getattr(tvd, name)(weights=None, weights_backbone=None).transform
+    source = fb.get_spec(name).weights
+    np.testing.assert_allclose(source.mean, tv.image_mean)
+    np.testing.assert_allclose(source.std, tv.image_std)
+    transform = dict(source.transform)
+    assert transform == {"min_size": tv.min_size[-1], "max_size": tv.max_size,
+                         "size_divisible": tv.size_divisible}  # eval: the last min_size
+    assert source.input_size == tv.min_size[-1]
+    assert source.num_classes == (2 if name.startswith("keypoint") else 91)
