@@ -15,7 +15,8 @@ import torch_ref
 PRESETS = {
     "fasterrcnn_resnet50_fpn": (tvd.FasterRCNN_ResNet50_FPN_Weights, True, True),
     "fasterrcnn_resnet50_fpn_v2": (tvd.FasterRCNN_ResNet50_FPN_V2_Weights, False, False),
-    "fasterrcnn_mobilenet_v3_large_fpn": (tvd.FasterRCNN_MobileNet_V3_Large_FPN_Weights, False, True),
+    "fasterrcnn_mobilenet_v3_large_fpn": (
+        tvd.FasterRCNN_MobileNet_V3_Large_FPN_Weights, False, True),
     "fasterrcnn_mobilenet_v3_large_320_fpn": (
         tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights, False, True),
     "maskrcnn_resnet50_fpn": (tvd.MaskRCNN_ResNet50_FPN_Weights, True, True),

@@ -37,7 +37,8 @@ class RCNN(nn.Module):
     all zero; Mask R-CNN adds `masks` (N, K, 28, 28) probabilities of the detected class,
     Keypoint R-CNN `keypoints` (N, K, 17, 3) and `keypoint_scores` (N, K, 17).
     Intermediates (`mutable=['intermediates']`): backbone and FPN features, the RPN's
-    objectness/deltas, `proposals` + `proposal_valid` + `proposal_scores`, class logits and box regression.
+    objectness/deltas, `proposals` + `proposal_valid` + `proposal_scores`, class logits and
+    box regression, mask / keypoint logits.
 
     `trainable_layers` is torchvision's `trainable_backbone_layers` (None: all trainable),
     realised by `frozen_param_patterns()` for `detection.base.trainable_mask`.
@@ -108,7 +109,8 @@ def backbone_freeze_patterns(backbone, trainable_layers: int) -> tuple[str, ...]
         return (rf"^backbone/(?!{'|'.join(train)})" if train else r"^backbone/",)
     if isinstance(backbone, (MobileNetV2, MobileNetV3)):
         strides = _mobilenet_strides(backbone)
-        stages = [0] + [i for i in range(1, len(strides) - 1) if strides[i] > 1] + [len(strides) - 1]
+        last = len(strides) - 1
+        stages = [0] + [i for i in range(1, last) if strides[i] > 1] + [last]
         if not 0 <= k <= len(stages):
             raise ValueError(f"trainable_layers must be in [0, {len(stages)}] for "
                              f"{type(backbone).__name__}, got {k}")

@@ -74,7 +74,8 @@ class FPN(ConvNormModule):
     def __call__(self, features: dict, train: bool = False):
         if self.extra not in EXTRAS:
             raise ValueError(f"unknown FPN extra {self.extra!r}; choose one of {EXTRAS}")
-        if self.names is not None and len(self.names) != len(self.in_levels) + _EXTRA_LEVELS[self.extra]:
+        outputs = len(self.in_levels) + _EXTRA_LEVELS[self.extra]
+        if self.names is not None and len(self.names) != outputs:
             raise ValueError(f"FPN names {tuple(self.names)} must name every output level "
                              f"({len(self.in_levels)} inputs + extra {self.extra!r})")
         conv = partial(self.conv_def(use_bias=not self.norm), self.features)
