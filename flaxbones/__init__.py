@@ -2,6 +2,7 @@
 from flaxbones import backbones as _backbones  # noqa: F401  (registers the families)
 from flaxbones import classifiers as _classifiers  # noqa: F401  (their classifier heads)
 from flaxbones import segmenters as _segmenters  # noqa: F401  (registers segmenters)
+from flaxbones import detection  # noqa: F401  (registers detectors)
 from flaxbones.features import FeatureInfo
 from flaxbones.models import Classifier, Segmenter
 from flaxbones.registry import (create_backbone, create_model, get_spec, list_backbones,

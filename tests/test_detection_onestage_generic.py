@@ -73,7 +73,6 @@ def test_transform_defaults_match_torchvision(name):
     """What api.predict reads off the weight source is torchvision's transform of the preset."""
     import torchvision.models.detection as tvd
 
-    import flaxbones.detection.ssdlite  # noqa: F401  (and ssd)
 
     tv = getattr(tvd, name)(weights=None, weights_backbone=None).transform
     source = fb.get_spec(name).weights
