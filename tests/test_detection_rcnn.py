@@ -24,7 +24,7 @@ import flaxbones as fb  # noqa: E402
 import flaxbones.detection.rcnn_presets  # noqa: E402,F401  (registers the presets)
 from flaxbones.detection.base import trainable_mask  # noqa: E402
 from flaxbones.detection.boxes import box_iou  # noqa: E402
-from flaxbones.detection.rcnn import frozen_bn_patterns  # noqa: E402
+from flaxbones.detection.base import frozen_bn_patterns  # noqa: E402
 from flaxbones.weights.convert import map_module_path  # noqa: E402
 
 PRESETS = list(rcnn_ref.PRESETS)

@@ -1,25 +1,17 @@
 """What the one-stage detectors (RetinaNet, FCOS, SSD) share: the dense head towers, head
 outputs flattened as torchvision orders them, static-shape candidate selection and the final
-batched NMS, and torchvision's `trainable_backbone_layers` as parameter-path regexes."""
+batched NMS."""
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.detection.base import check_detector_inputs
+from flaxbones.detection.base import (TRAINING_ISSUE, backbone_frozen_patterns,
+                                      check_detector_inputs, default_image_sizes,
+                                      frozen_bn_patterns)
 from flaxbones.detection.boxes import clip_boxes
 from flaxbones.detection.nms import batched_nms
-
-TRAINING_ISSUE = ("training detectors (targets, matching, losses) lands in issue 15; "
-                  "call with train=False")
-
-
-def default_image_sizes(images, image_sizes):
-    """`image_sizes`, or every image's full padded (H, W) when None."""
-    if image_sizes is None:
-        return jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (images.shape[0], 1))
-    return image_sizes
 
 
 def empty_detections(batch: int, detections: int) -> dict:
@@ -90,65 +82,6 @@ def final_detections(boxes, scores, labels, valid, nms_thresh: float, detections
             "labels": zero(labels).astype(jnp.int32), "valid": kept}
 
 
-# --- trainable_layers: torchvision's trainable_backbone_layers as frozen-parameter regexes ---
-
-def resnet_frozen_patterns(trainable_layers: int | None, prefix: str = "backbone/") -> tuple:
-    """`_resnet_fpn_extractor`: train the last `trainable_layers` of (layer4, layer3, layer2,
-    layer1, conv1), bn1 with all 5; freeze the rest (scanned `layerI_scan` included)."""
-    if trainable_layers is None:
-        return ()
-    _check_range(trainable_layers, 5)
-    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    train += ["bn1"] if trainable_layers == 5 else []
-    frozen = [n for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4") if n not in train]
-    return tuple(f"{prefix}{n}/" if n in ("conv1", "bn1") else f"{prefix}{n}_" for n in frozen)
-
-
-def sequence_frozen_patterns(trainable_layers: int | None, stage_starts: Sequence[int],
-                             units: Sequence[str], prefix: str = "backbone/") -> tuple:
-    """torchvision's `_mobilenet_extractor` / `_vgg_extractor` rule over a flat unit sequence:
-    stages start at `stage_starts`; all units before the first trainable stage are frozen
-    (every unit with 0)."""
-    if trainable_layers is None:
-        return ()
-    stages = len(stage_starts)
-    _check_range(trainable_layers, stages)
-    before = len(units) if trainable_layers == 0 else stage_starts[stages - trainable_layers]
-    return tuple(f"{prefix}{u}/" for u in units[:before])
-
-
-def _check_range(value, top):
-    if not isinstance(value, int) or not 0 <= value <= top:
-        raise ValueError(f"trainable_layers must be an int in [0, {top}] (or None: all "
-                         f"trainable), got {value!r}")
-
-
-def backbone_frozen_patterns(backbone: nn.Module, trainable_layers: int | None) -> tuple:
-    """Frozen-parameter regexes for a detector's `backbone` (ResNet family, MobileNetV3, VGG
-    as torchvision counts their stages); None trains everything; other families only accept
-    None."""
-    from flaxbones.backbones.mobilenet_v3 import MobileNetV3
-    from flaxbones.backbones.resnet import ResNet
-    from flaxbones.backbones.vgg import VGG
-
-    if trainable_layers is None:
-        return ()
-    if isinstance(backbone, ResNet):
-        return resnet_frozen_patterns(trainable_layers)
-    if isinstance(backbone, MobileNetV3):
-        strided = [i for i, b in enumerate(backbone.blocks, 1) if b[-1] > 1]
-        n = len(backbone.blocks) + 2
-        return sequence_frozen_patterns(trainable_layers, [0, *strided, n - 1],
-                                        [f"features_{i}" for i in range(n)])
-    if isinstance(backbone, VGG):
-        units = [f"conv{s + 1}_{j + 1}" for s, w in enumerate(backbone.stages)
-                 for j in range(len(w))]
-        starts = [sum(len(w) for w in backbone.stages[:s]) for s in range(len(backbone.stages))]
-        return sequence_frozen_patterns(trainable_layers, starts, units)
-    raise ValueError(f"trainable_layers is defined for ResNet, MobileNetV3 and VGG backbones "
-                     f"(torchvision's stages), not {type(backbone).__name__}; pass None")
-
-
 class DenseDetector(nn.Module):
     """Backbone -> FPN `neck` -> dense `head` -> per-level top-k of the scores above
     `score_thresh` -> decoded, clipped boxes -> per-class NMS (RetinaNet, FCOS).
@@ -176,8 +109,6 @@ class DenseDetector(nn.Module):
         """Param-path regexes torchvision would not train: the backbone stages before the last
         `trainable_layers`, and with frozen BN every backbone BN scale/bias (buffers in
         torchvision's FrozenBatchNorm2d)."""
-        from flaxbones.detection.rcnn import frozen_bn_patterns
-
         return (backbone_frozen_patterns(self.backbone, self.trainable_layers)
                 + frozen_bn_patterns(self.backbone))
 

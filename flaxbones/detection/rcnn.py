@@ -2,19 +2,15 @@
 `fasterrcnn`, `maskrcnn`, `keypointrcnn` (torchvision's architecture and test-mode settings;
 its named presets and weight rules are in `rcnn_presets`)."""
 import re
-from functools import partial
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 from flax import linen as nn
-from flax import traverse_util
 
-from flaxbones.backbones.mobilenet_v2 import MobileNetV2
-from flaxbones.backbones.mobilenet_v3 import MobileNetV3
-from flaxbones.backbones.resnet import ResNet
 from flaxbones.detection.anchors import AnchorGenerator
-from flaxbones.detection.base import check_detector_inputs, check_num_classes, detection_backbone
+from flaxbones.detection.base import (TRAINING_ISSUE, backbone_frozen_patterns,
+                                      check_detector_inputs, check_num_classes,
+                                      default_image_sizes, detection_backbone,
+                                      frozen_bn_patterns)
 from flaxbones.detection.rcnn_heads import (ConvFCHead, ConvHead, FastRCNNPredictor,
                                             KeypointRCNNPredictor, MaskRCNNPredictor, TwoMLPHead)
 from flaxbones.detection.roi_heads import RoIHeads
@@ -22,10 +18,6 @@ from flaxbones.detection.rpn import RPN
 from flaxbones.heads.fpn import FPN
 from flaxbones.models import check_levels
 from flaxbones.registry import register_model
-
-TRAINING_ISSUE = ("training (targets, sampling and losses) lands with issue 15; "
-                  "call with train=False")
-
 
 class RCNN(nn.Module):
     """Two-stage detector: `backbone` -> `neck` (FPN with a pooled extra level) -> `rpn`
@@ -53,8 +45,7 @@ class RCNN(nn.Module):
     def __post_init__(self):
         super().__post_init__()
         check_levels(self.backbone, self.neck.in_levels, "the FPN")
-        if self.trainable_layers is not None:
-            backbone_freeze_patterns(self.backbone, self.trainable_layers)
+        backbone_frozen_patterns(self.backbone, self.trainable_layers)  # checks the value
 
     @property
     def feature_info(self):
@@ -64,8 +55,7 @@ class RCNN(nn.Module):
     def __call__(self, images, image_sizes=None, train: bool = False):
         if train:
             raise NotImplementedError(TRAINING_ISSUE)
-        if image_sizes is None:
-            image_sizes = jnp.tile(jnp.asarray(images.shape[1:3], jnp.int32), (len(images), 1))
+        image_sizes = default_image_sizes(images, image_sizes)
         check_detector_inputs(images, image_sizes)
         features = self.backbone(images, train=False)
         self.sow("intermediates", "backbone_features", features)
@@ -85,53 +75,8 @@ class RCNN(nn.Module):
         """Regexes over param paths ('backbone/layer1_0/conv1/kernel') that torchvision
         would not train: the backbone layers `trainable_layers` leaves frozen, and, with
         frozen BatchNorm, every backbone BN scale/bias (buffers in FrozenBatchNorm2d)."""
-        patterns = ()
-        if self.trainable_layers is not None:
-            patterns += backbone_freeze_patterns(self.backbone, self.trainable_layers)
-        return patterns + frozen_bn_patterns(self.backbone)
-
-
-def _mobilenet_strides(backbone):
-    if isinstance(backbone, MobileNetV3):
-        return (2, *(b[-1] for b in backbone.blocks), 1)
-    return tuple(unit[0] for unit in backbone._units)
-
-
-def backbone_freeze_patterns(backbone, trainable_layers: int) -> tuple[str, ...]:
-    """torchvision's trainable_backbone_layers as param-path regexes: ResNet trains the last
-    k of layer4, layer3, layer2, layer1, conv1 (bn1 too at 5); MobileNet V2/V3 the last k
-    stages split at the strided blocks (`_mobilenet_extractor`)."""
-    k = trainable_layers
-    if isinstance(backbone, ResNet):
-        if not 0 <= k <= 5:
-            raise ValueError(f"trainable_layers must be in [0, 5] for ResNet, got {k}")
-        train = ["layer4_", "layer3_", "layer2_", "layer1_", "conv1/"][:k] + ["bn1/"] * (k == 5)
-        return (rf"^backbone/(?!{'|'.join(train)})" if train else r"^backbone/",)
-    if isinstance(backbone, (MobileNetV2, MobileNetV3)):
-        strides = _mobilenet_strides(backbone)
-        last = len(strides) - 1
-        stages = [0] + [i for i in range(1, last) if strides[i] > 1] + [last]
-        if not 0 <= k <= len(stages):
-            raise ValueError(f"trainable_layers must be in [0, {len(stages)}] for "
-                             f"{type(backbone).__name__}, got {k}")
-        before = len(strides) if k == 0 else stages[len(stages) - k]
-        return (rf"^backbone/features_({'|'.join(map(str, range(before)))})/",) if before else ()
-    raise ValueError(f"trainable_layers follows torchvision's ResNet and MobileNet detection "
-                     f"backbones; {type(backbone).__name__} has no such stages. Leave it None "
-                     "(all trainable) and freeze with your own patterns")
-
-
-def frozen_bn_patterns(backbone) -> tuple[str, ...]:
-    """The scale/bias of every BatchNorm of a `frozen_bn` backbone (found on its shapes)."""
-    if not getattr(backbone, "frozen_bn", False):
-        return ()
-    init = partial(backbone.clone(parent=None).init, train=False)
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
-    stats = traverse_util.flatten_dict(shapes.get("batch_stats", {}), sep="/")
-    modules = sorted({key.rsplit("/", 1)[0] for key in stats})
-    if not modules:
-        return ()
-    return (rf"^backbone/({'|'.join(map(re.escape, modules))})/(scale|bias)$",)
+        return (backbone_frozen_patterns(self.backbone, self.trainable_layers)
+                + frozen_bn_patterns(self.backbone))
 
 
 def default_anchors(num_levels: int, sizes=None, aspect_ratios=None) -> AnchorGenerator:

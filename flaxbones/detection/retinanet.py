@@ -10,7 +10,7 @@ from flaxbones.detection.anchors import AnchorGenerator
 from flaxbones.detection.base import check_num_classes, detection_backbone
 from flaxbones.detection.boxes import BoxCoder
 from flaxbones.detection.onestage import (DenseBranch, DenseDetector, flatten_level,
-                                          group_norm, resnet_frozen_patterns)
+                                          group_norm)
 from flaxbones.heads.fpn import FPN, TORCHVISION_FPN_RULES
 from flaxbones.layers import ConvNormModule, normal_001
 from flaxbones.registry import register_model
@@ -159,5 +159,5 @@ def retinanet_resnet50_fpn_v2(num_classes: int = 91, trainable_layers: int | Non
     return retinanet("resnet50", num_classes, trainable_layers=trainable_layers, **kwargs)
 
 
-__all__ = ["RetinaNet", "RetinaNetHead", "resnet_frozen_patterns", "retinanet",
+__all__ = ["RetinaNet", "RetinaNetHead", "retinanet",
            "retinanet_anchor_sizes", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2"]

@@ -10,8 +10,8 @@ from flax import linen as nn
 
 from flaxbones.backbones.mobilenet_v3 import ACTS, LARGE, STEM
 from flaxbones.detection.anchors import DefaultBoxGenerator
-from flaxbones.detection.base import check_num_classes
-from flaxbones.detection.onestage import flatten_level, sequence_frozen_patterns
+from flaxbones.detection.base import check_num_classes, sequence_frozen_patterns, unit_stage_starts
+from flaxbones.detection.onestage import flatten_level
 from flaxbones.detection.retinanet import torchvision_detector_source
 from flaxbones.detection.ssd import SSD
 from flaxbones.layers import (ConvNormAct, ConvNormModule, InvertedResidual, SqueezeExcite,
@@ -38,10 +38,9 @@ class SSDLiteMobileNetV3(ConvNormModule):
 
     def frozen_param_patterns(self, trainable_layers: int | None) -> tuple:
         """`_mobilenet_extractor`: units before the last `trainable_layers` of the 6 stages."""
-        n = len(self.blocks) + 2
-        starts = [0, *(i for i, b in enumerate(self.blocks, 1) if b[-1] > 1), n - 1]
-        units = [f"features_{i}" for i in range(n)]
-        return sequence_frozen_patterns(trainable_layers, starts, units)
+        strides = (2, *(b[-1] for b in self.blocks), 1)
+        units = [f"features_{i}" for i in range(len(strides))]
+        return sequence_frozen_patterns(trainable_layers, unit_stage_starts(strides), units)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
