@@ -1,5 +1,6 @@
-"""Anchors and SSD default boxes as torchvision makes them, in numpy float32: every shape involved is
-static, so they are computed once at trace time and enter the jitted graph as constants."""
+"""Anchors and SSD default boxes as torchvision makes them, in numpy float32: every shape
+involved is static, so they are computed once at trace time and enter the jitted graph as
+constants."""
 import dataclasses
 import math
 
@@ -9,7 +10,9 @@ _F32 = np.float32
 
 
 def _per_level(value, n):
-    return tuple(tuple(v) for v in value) if isinstance(value[0], (list, tuple)) else (tuple(value),) * n
+    if isinstance(value[0], (list, tuple)):
+        return tuple(tuple(v) for v in value)
+    return (tuple(value),) * n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +25,9 @@ class AnchorGenerator:
     aspect_ratios: tuple = ((0.5, 1.0, 2.0),) * 5
 
     def __post_init__(self):
-        sizes = self.sizes if isinstance(self.sizes[0], (list, tuple)) else tuple((s,) for s in self.sizes)
+        sizes = self.sizes
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
         object.__setattr__(self, "sizes", tuple(tuple(s) for s in sizes))
         object.__setattr__(self, "aspect_ratios", _per_level(self.aspect_ratios, len(sizes)))
         if len(self.aspect_ratios) != len(self.sizes):
@@ -66,7 +71,8 @@ class AnchorGenerator:
 
 def retinanet_anchor_generator():
     """RetinaNet's: sizes x * 2^(0, 1/3, 2/3) (int-truncated) for x in 32..512, ratios 0.5/1/2."""
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3)))
+                  for x in (32, 64, 128, 256, 512))
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 

@@ -9,8 +9,10 @@ import numpy as np
 from flax import traverse_util
 
 from flaxbones.features import check_images
+from flaxbones.heads.fpn import TORCHVISION_FPN_RULES
 from flaxbones.models import check_levels
 from flaxbones.segmenters import build_backbone
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 
 def check_detector_inputs(images, image_sizes):
@@ -154,3 +156,25 @@ def frozen_bn_patterns(backbone) -> tuple[str, ...]:
     if not modules:
         return ()
     return (rf"^backbone/({'|'.join(map(re.escape, modules))})/(scale|bias)$",)
+
+
+# --- torchvision's COCO detection weight files ---
+
+DETECTION_TRANSFORM = (("min_size", 800), ("max_size", 1333), ("size_divisible", 32))
+
+
+def fpn_rules(prefix: str = r"backbone\.fpn\.") -> tuple:
+    """torchvision's detection FPN keys (`backbone.fpn.*`) onto the detector's `neck`."""
+    return tuple((prefix + p, "neck/" + t) for p, t in TORCHVISION_FPN_RULES)
+
+
+def torchvision_detector_source(rules, num_classes: int = 91, transform=DETECTION_TRANSFORM,
+                                head_prefix=("head/",), **normalisation) -> WeightSource:
+    """A torchvision COCO detector's weights (91 classes incl. background): its key `rules`,
+    the class-specific layers `skip_head` may leave (`head_prefix`), its input transform;
+    `input_size` is the transform's min_size, or its fixed size."""
+    settings = dict(transform)
+    size = settings["fixed_size"][0] if "fixed_size" in settings else settings["min_size"]
+    return WeightSource("torchvision", tuple(rules), num_classes=num_classes,
+                        head_prefix=head_prefix, input_size=size, transform=tuple(transform),
+                        **(normalisation or TORCH_IMAGENET))

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.detection.anchors import AnchorGenerator
-from flaxbones.detection.base import check_num_classes, detection_backbone
+from flaxbones.detection.base import (check_num_classes, detection_backbone, fpn_rules,
+                                      torchvision_detector_source)
 from flaxbones.detection.onestage import DenseBranch, DenseDetector, flatten_level, group_norm
-from flaxbones.detection.retinanet import fpn_rules, prior_bias, torchvision_detector_source
+from flaxbones.detection.retinanet import prior_bias
 from flaxbones.heads.fpn import FPN
 from flaxbones.layers import ConvNormModule, normal_001
 from flaxbones.registry import register_model

@@ -95,11 +95,13 @@ def _nms(boxes, scores, labels, iou_threshold, max_output, valid, offsets_fn):
     tile = min(_TILE, -(-n // 8) * 8)
     pad = -n % tile
     boxes, valid = jnp.pad(boxes, ((0, pad), (0, 0))), jnp.pad(valid, (0, pad))
-    scores = jnp.pad(jnp.where(scores == 0, jnp.zeros_like(scores), scores), (0, pad))  # -0.0 == 0.0
+    scores = jnp.where(scores == 0, jnp.zeros_like(scores), scores)  # -0.0 -> 0.0
+    scores = jnp.pad(scores, (0, pad))
     labels = None if labels is None else jnp.pad(labels, (0, pad))
     ids = jnp.arange(n + pad, dtype=jnp.int32)
     n_valid = jnp.sum(valid, dtype=jnp.int32)
-    carry = (jnp.int32(0), jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output, 4), boxes.dtype),
+    carry = (jnp.int32(0), jnp.zeros((max_output,), jnp.int32),
+             jnp.zeros((max_output, 4), boxes.dtype),
              jnp.zeros((max_output,), jnp.int32 if labels is None else labels.dtype))
 
     def sorted_pass(carry, skip):
@@ -116,8 +118,9 @@ def _nms(boxes, scores, labels, iou_threshold, max_output, valid, offsets_fn):
     if prefix >= n + pad:
         carry = sorted_pass(carry, 0)
     else:
-        # top_k is far cheaper than a full sort and keeps ties in index order; its entries with a
-        # finite key are exactly the first m of the visiting order. Sort only if they do not fill up.
+        # top_k is far cheaper than a full sort and keeps ties in index order; its entries
+        # with a finite key are exactly the first m of the visiting order. Sort only if they
+        # do not fill up.
         key = jnp.where(valid, scores, -jnp.inf)
         top, idx = lax.top_k(key, prefix)
         trusted = top > -jnp.inf
@@ -126,7 +129,8 @@ def _nms(boxes, scores, labels, iou_threshold, max_output, valid, offsets_fn):
         carry = _tiles(boxes[idx], idx, lab, trusted, m, thr, carry, 0, tile)
         need = (carry[0] < max_output) & (m < n_valid)
         # a while_loop run at most once: under vmap the sort runs only if some image needs it
-        _, carry = lax.while_loop(lambda s: s[0], lambda s: (False, sorted_pass(s[1], m)), (need, carry))
+        _, carry = lax.while_loop(lambda s: s[0], lambda s: (False, sorted_pass(s[1], m)),
+                                  (need, carry))
     count, out = carry[0], carry[1]
     keep_valid = jnp.arange(max_output) < count
     return jnp.where(keep_valid, out, 0), keep_valid

@@ -8,11 +8,11 @@ defaults to torchvision's 3. Transform defaults ride on the WeightSource (`trans
 Legacy keys (files saved before torchvision's module versions 2, as its COCO files) map too.
 """
 from flaxbones.backbones import mobilenet_v3
+from flaxbones.detection.base import fpn_rules, torchvision_detector_source
 from flaxbones.detection.rcnn import build_rcnn
-from flaxbones.heads.fpn import TORCHVISION_FPN_RULES
 from flaxbones.registry import register_model
 from flaxbones.segmenters import backbone_rules
-from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+from flaxbones.weights.source import WeightSource
 
 HEADS = ("roi_heads/box_predictor/", "roi_heads/mask_predictor/",
          "roi_heads/keypoint_predictor/")  # what `skip_head` may leave at init (class-specific)
@@ -24,7 +24,7 @@ def rcnn_rules(backbone: tuple, box_head: str = "mlp", mask: bool = False,
                keypoints: bool = False) -> tuple:
     """Key rules of a torchvision R-CNN state dict with `backbone` rules (`backbone.body.`)."""
     rh = r"roi_heads\."
-    rules = [*backbone, *((r"backbone\.fpn\." + p, "neck/" + t) for p, t in TORCHVISION_FPN_RULES),
+    rules = [*backbone, *fpn_rules(),
              (r"rpn\.head\.conv\.(\d+)\.0", r"rpn/head/conv_\1"),
              (r"rpn\.head\.conv", "rpn/head/conv_0"),  # RPNHead version 1
              (r"rpn\.head\.(cls_logits|bbox_pred)", r"rpn/head/\1"),
@@ -52,11 +52,10 @@ def rcnn_rules(backbone: tuple, box_head: str = "mlp", mask: bool = False,
 
 def torchvision_source(rules, num_classes: int = 91, min_size: int = 800,
                        max_size: int = 1333) -> WeightSource:
-    """torchvision's COCO detection weights: ImageNet normalisation, its resize rule."""
-    return WeightSource("torchvision", rules, num_classes=num_classes, input_size=min_size,
-                        head_prefix=HEADS, **TORCH_IMAGENET,
-                        transform=(("min_size", min_size), ("max_size", max_size),
-                                   ("size_divisible", 32)))
+    """torchvision's COCO R-CNN weights: ImageNet normalisation, its resize rule."""
+    return torchvision_detector_source(
+        rules, num_classes, (("min_size", min_size), ("max_size", max_size),
+                             ("size_divisible", 32)), head_prefix=HEADS)
 
 
 _V1 = dict(bn_epsilon=0.0)  # the v1 COCO weights' overwrite_eps(model, 0.0)

@@ -7,15 +7,16 @@ from typing import Any, Sequence
 from flax import linen as nn
 
 from flaxbones.detection.anchors import AnchorGenerator
-from flaxbones.detection.base import check_num_classes, detection_backbone
+from flaxbones.detection.base import (check_num_classes, detection_backbone, fpn_rules,
+                                      torchvision_detector_source)
 from flaxbones.detection.boxes import BoxCoder
 from flaxbones.detection.onestage import (DenseBranch, DenseDetector, flatten_level,
                                           group_norm)
-from flaxbones.heads.fpn import FPN, TORCHVISION_FPN_RULES
+from flaxbones.heads.fpn import FPN
 from flaxbones.layers import ConvNormModule, normal_001
 from flaxbones.registry import register_model
 from flaxbones.segmenters import backbone_rules
-from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+from flaxbones.weights.source import WeightSource
 
 
 def prior_bias(prior_probability: float):
@@ -105,13 +106,6 @@ def retinanet(backbone: Any = "resnet50", num_classes: int = 91,
 
 # --- torchvision presets: state dicts `backbone.body.*`, `backbone.fpn.*`, `head.*` ---
 
-DETECTION_TRANSFORM = (("min_size", 800), ("max_size", 1333), ("size_divisible", 32))
-
-
-def fpn_rules(prefix: str = r"backbone\.fpn\.") -> tuple:
-    return tuple((prefix + p, "neck/" + t) for p, t in TORCHVISION_FPN_RULES)
-
-
 def tower_rules(branch: str, norm: bool) -> tuple:
     """`head.{branch}.conv.*` onto `head/{branch}/conv_i` (and `norm_i`): the Conv2dNormActivation
     layout `conv.i.0` / `conv.i.1`, and the older plain Sequential `conv.{2i}` torchvision still
@@ -121,17 +115,6 @@ def tower_rules(branch: str, norm: bool) -> tuple:
     rules += [(at + r"(\d)\.1", to + r"norm_\1")] if norm else [
         (at + str(2 * i), to + f"conv_{i}") for i in range(4)]
     return tuple(rules)
-
-
-def torchvision_detector_source(rules, num_classes: int = 91, transform=DETECTION_TRANSFORM,
-                                **normalisation) -> WeightSource:
-    """A torchvision COCO detector's weights (91 classes incl. background); `input_size` is
-    the transform's min_size, or its fixed size."""
-    settings = dict(transform)
-    size = settings["fixed_size"][0] if "fixed_size" in settings else settings["min_size"]
-    return WeightSource("torchvision", tuple(rules), num_classes=num_classes,
-                        head_prefix=("head/",), input_size=size,
-                        transform=tuple(transform), **(normalisation or TORCH_IMAGENET))
 
 
 def _retinanet_source(norm: bool) -> WeightSource:

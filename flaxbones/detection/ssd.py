@@ -9,11 +9,11 @@ from flax import linen as nn
 from flaxbones.backbones.vgg import STAGES
 from flaxbones.detection.anchors import DefaultBoxGenerator
 from flaxbones.detection.base import (TRAINING_ISSUE, check_detector_inputs, check_num_classes,
-                                      default_image_sizes, sequence_frozen_patterns)
+                                      default_image_sizes, sequence_frozen_patterns,
+                                      torchvision_detector_source)
 from flaxbones.detection.boxes import BoxCoder, clip_boxes
 from flaxbones.detection.onestage import (empty_detections, final_detections, flatten_level,
                                           top_candidates)
-from flaxbones.detection.retinanet import torchvision_detector_source
 from flaxbones.layers import ConvNormAct, ConvNormModule
 from flaxbones.registry import register_model
 

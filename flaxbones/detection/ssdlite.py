@@ -10,9 +10,9 @@ from flax import linen as nn
 
 from flaxbones.backbones.mobilenet_v3 import ACTS, LARGE, STEM
 from flaxbones.detection.anchors import DefaultBoxGenerator
-from flaxbones.detection.base import check_num_classes, sequence_frozen_patterns, unit_stage_starts
+from flaxbones.detection.base import (check_num_classes, sequence_frozen_patterns,
+                                      torchvision_detector_source, unit_stage_starts)
 from flaxbones.detection.onestage import flatten_level
-from flaxbones.detection.retinanet import torchvision_detector_source
 from flaxbones.detection.ssd import SSD
 from flaxbones.layers import (ConvNormAct, ConvNormModule, InvertedResidual, SqueezeExcite,
                               make_divisible)

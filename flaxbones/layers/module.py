@@ -81,7 +81,7 @@ class ConvNormModule(nn.Module):
     @nn.nowrap
     def norm_def(self, train: bool):
         """BatchNorm constructor: batch statistics in training, running ones otherwise."""
-        return partial(BatchNorm, use_running_average=not train or self.frozen_bn,
-                       frozen=self.frozen_bn, momentum=self.bn_momentum,
+        return partial(BatchNorm, use_running_average=not train, frozen=self.frozen_bn,
+                       momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.axis_name, dtype=self.dtype,
                        param_dtype=self.param_dtype)
