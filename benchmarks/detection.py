@@ -7,8 +7,8 @@ Both sides get the same random weights (torchvision's initialisation, converted 
 `fb.load_pretrained`) and the same images (photo-like noise at the preset's size). Timed:
 torchvision's `model(images)` (its transform, network and postprocessing) against
 `fb.detection.predict` (host preprocessing, the jitted model, host postprocessing), and the
-jitted model alone on the preprocessed batch. Compilation is excluded (one warm-up call) and
-reported separately. Ratio > 1: flaxbones is faster.
+jitted model alone on the preprocessed batch. The first call (compilation) is excluded from
+the rates and reported on its own. Ratio > 1: flaxbones is faster.
 """
 import argparse
 import os
@@ -97,7 +97,7 @@ def main(argv=None):
           f"{os.cpu_count()} cores, {args.images} images per call, images/s (median of "
           f"{args.repeats})")
     print("| detector | padded size | torchvision eager | fb predict | ratio | fb model only "
-          "| ratio | compile s |")
+          "| ratio | first call s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         import flaxbones as fb
