@@ -5,11 +5,14 @@
                                       model="resnet50", mesh=mesh)
     for step, batch in zip(range(n), train): ...
     for batch in fbd.segmentation_pipeline(..., train=False): ...   # one exact pass
+    det = fbd.detection_pipeline("flaxbones_shapes/instances", batch_size=8, train=True,
+                                 model="fasterrcnn_resnet50_fpn", min_size=96, max_size=160)
 
 Every batch is a dict with a leading batch axis N (global with a mesh, else this host's):
     'image'         float32 (N, H, W, 3)  normalised with mean/std on the [0, 1] scale
     'label'         int32 (N,)            classification pipelines
     'segmentation'  int32 (N, H, W)       segmentation pipelines; 255 = ignore (padding, void)
+    'boxes', ...    detection pipelines: padded ground truth (flaxbones.data.detection)
     'valid'         bool (N,)             False for the padding examples that fill the last
                                           eval batches; always True in training
 Evaluation yields every example of the split exactly once over all hosts; weight
@@ -31,20 +34,33 @@ if importlib.util.find_spec("triton") is not None:
     # TF >= 2.20 loads its LLVM with RTLD_GLOBAL; triton (torch's compiler) imported after
     # it segfaults (tensorflow/tensorflow#124205), so load triton first when installed.
     import triton  # noqa: F401
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 try:
     tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TF already initialised its devices: the caller chose; keep it
     pass
 
-from flaxbones.data import builtin  # noqa: E402  (registers flaxbones_shapes with TFDS)
-from flaxbones.data.classification import classification_pipeline  # noqa: E402
-from flaxbones.data.pipeline import Pipeline, normalization, to_global  # noqa: E402
-from flaxbones.data.segmentation import segmentation_pipeline  # noqa: E402
-from flaxbones.data.sources import (DATASETS, IGNORE_LABEL, DatasetNotPreparedError,  # noqa: E402
-                                    DatasetSpec, host_split, load_builder)
+from flaxbones.data import builtin  # registers flaxbones_shapes with TFDS
+from flaxbones.data.classification import classification_pipeline
+from flaxbones.data.detection import (
+    COCO_CATEGORY_IDS,
+    COCO_PERSON_KEYPOINT_FLIP,
+    DetectionPipeline,
+    detection_pipeline,
+)
+from flaxbones.data.pipeline import Pipeline, normalization, to_global
+from flaxbones.data.segmentation import segmentation_pipeline
+from flaxbones.data.sources import (
+    DATASETS,
+    IGNORE_LABEL,
+    DatasetNotPreparedError,
+    DatasetSpec,
+    host_split,
+    load_builder,
+)
 
-__all__ = ["DATASETS", "IGNORE_LABEL", "DatasetNotPreparedError", "DatasetSpec", "Pipeline",
-           "builtin", "classification_pipeline", "host_split", "load_builder", "normalization",
-           "segmentation_pipeline", "to_global"]
+__all__ = ["COCO_CATEGORY_IDS", "COCO_PERSON_KEYPOINT_FLIP", "DATASETS", "IGNORE_LABEL",
+           "DatasetNotPreparedError", "DatasetSpec", "DetectionPipeline", "Pipeline", "builtin",
+           "classification_pipeline", "detection_pipeline", "host_split", "load_builder",
+           "normalization", "segmentation_pipeline", "to_global"]
