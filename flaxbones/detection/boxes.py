@@ -2,6 +2,7 @@
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -10,12 +11,19 @@ def _int_like(x):
     return jnp.dtype(f"int{jnp.dtype(x.dtype).itemsize * 8}")
 
 
+@jax.custom_jvp
 def no_fma(x):
     """Identity on `x` that XLA cannot contract into a fused multiply-add with the add
     that follows (XLA always lets LLVM fuse a*b+c on CPU/GPU; torch rounds each op), so sums of
-    products round bit for bit as torchvision's. i*(i+1) is even for any int32, so z == 0."""
+    products round bit for bit as torchvision's. i*(i+1) is even for any int32, so z == 0.
+    Its derivative is the identity's (the bitcasts alone would make it zero)."""
     i = lax.bitcast_convert_type(x, _int_like(x))
     return lax.bitcast_convert_type(i ^ ((i * (i + 1)) & 1), x.dtype)
+
+
+@no_fma.defjvp
+def _no_fma_jvp(primals, tangents):
+    return no_fma(primals[0]), tangents[0]
 
 
 def div_scalar(x, w):
