@@ -163,7 +163,7 @@ def _split_batch(detections, image_ids, valid, original_sizes):
         per_image = [{k: (None if v is None else np.asarray(v)[i]) for k, v in detections.items()}
                      for i in range(len(ids))]
     else:
-        per_image = list(detections)
+        per_image = [dict(d) for d in detections]
     if len(per_image) != len(ids) or len(valid) != len(ids):
         raise ValueError(f"{len(per_image)} detections, {len(ids)} image ids and {len(valid)} "
                          "valid flags: one of each per example")
