@@ -16,3 +16,14 @@ def test_memory_compares_plain_and_remat(capsys):
     memory.main(["--workloads", "smoke", "--steps", "1", "--size", "32"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smoke")]
     assert [r.split("|")[3].strip() for r in rows] == ["plain", "remat"]
+
+
+def test_detection_prints_a_torchvision_vs_flaxbones_row(capsys):
+    from benchmarks import detection
+    detection.main(["--models", "fasterrcnn_mobilenet_v3_large_320_fpn", "--images", "1",
+                    "--min-size", "64", "--repeats", "1"])
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| fasterrcnn_mobilenet_v3_large_320_fpn"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "64x96"
+    assert all(float(c) > 0 for c in cells[2:8])

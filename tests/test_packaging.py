@@ -27,12 +27,12 @@ with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
 CORE_IMPORTS = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
                 "numpy": "numpy", "safetensors": "safetensors"}
 DATA_IMPORTS = {"tensorflow": "tensorflow-cpu", "tensorflow_datasets": "tensorflow-datasets",
-                "etils": "etils"}
+                "etils": "etils", "pycocotools": "pycocotools"}
 EXPERIMENTS_IMPORTS = {"ml_collections": "ml-collections", "absl": "absl-py",
                        "matplotlib": "matplotlib", "PIL": "pillow", "tqdm": "tqdm"}
 # The core may import these inside a function only, for one optional feature: torch reads
-# .pth weight files (the [torch] extra).
-LAZY_OPTIONAL = {"torch"}
+# .pth weight files (the [torch] extra), pycocotools evaluates COCO AP (the [data] extra).
+LAZY_OPTIONAL = {"torch", "pycocotools"}
 # flaxbones.data loads triton (when installed) before TensorFlow: see its __init__.
 DATA_OPTIONAL = {"triton"}
 
