@@ -47,13 +47,14 @@ def segmentation_scores(cm) -> dict:
 
 
 def summarize(sums: dict) -> dict:
-    """Finished numbers from accumulated sums: loss, top-k accuracy, mIoU, pixel accuracy."""
+    """Finished numbers from accumulated sums: every `<name>_sum` as a mean per counted
+    example (the loss and its terms), top-k accuracy, mIoU, pixel accuracy."""
     sums = {k: np.asarray(v) for k, v in sums.items()}
     count = max(float(sums.get("count", 0)), 1.0)
     out = {}
     for k, v in sums.items():
-        if k == "loss_sum":
-            out["loss"] = float(v) / count
+        if k.endswith("_sum"):  # loss_sum -> loss, loss_mask_sum -> loss_mask
+            out[k[:-4]] = float(v) / count
         elif k.startswith("top"):
             out[k] = float(v) / count
         elif k == "confusion":

@@ -22,12 +22,14 @@ def _psum(x, axis):
     return x if axis is None else jax.lax.psum(x, axis)
 
 
-def _forward(state, params, batch_stats, batch, rng, policy, train_bn):
-    """Model outputs (in the policy's output dtype) and the updated batch statistics."""
+def _forward(state, params, batch_stats, batch, rng, policy, train_bn, task):
+    """Model outputs (in the policy's output dtype) and the updated batch statistics.
+    rngs: 'dropout', and 'sampling' for a detector's balanced sampling."""
     variables = {"params": params, "batch_stats": batch_stats}
-    outputs, mutated = state.apply_fn(variables, policy.cast_inputs(batch["image"]),
-                                      train=train_bn, mutable=["batch_stats"],
-                                      rngs={"dropout": rng})
+    args, kwargs = task.model_inputs(batch, train=True)
+    rngs = {"dropout": rng, "sampling": jax.random.fold_in(rng, 1)}
+    outputs, mutated = state.apply_fn(variables, policy.cast_inputs(batch["image"]), *args,
+                                      train=train_bn, mutable=["batch_stats"], rngs=rngs, **kwargs)
     return policy.cast_outputs(outputs), mutated.get("batch_stats", batch_stats)
 
 
@@ -49,9 +51,15 @@ def train_body(state, batch, *, task, policy=Policy(), bn_mode="global", accum_s
     denom = jnp.maximum(_psum(task.count(batch), axis_name), 1.0)
     scale = state.loss_scale.scale if state.loss_scale is not None else 1.0
     train_bn = bn_mode != "frozen"
+    if not train_bn and task.losses_need_train_mode:
+        raise ValueError(f"bn_mode='frozen' runs the model with train=False, which gives no "
+                         f"losses for {type(task).__name__}; detectors freeze their backbone's "
+                         "BatchNorm when built (frozen_bn=True, the default): use bn_mode="
+                         "'global' or 'local'")
 
     def objective(params, batch_stats, micro, rng):
-        outputs, new_stats = _forward(state, params, batch_stats, micro, rng, policy, train_bn)
+        outputs, new_stats = _forward(state, params, batch_stats, micro, rng, policy, train_bn,
+                                      task)
         loss_sum, count = task.loss(outputs, micro)
         return loss_sum / denom * scale, (loss_sum, count, new_stats, task.metrics(outputs, micro))
 
@@ -117,9 +125,10 @@ def eval_body(state, batch, *, task, policy=Policy(), use_ema=False, axis_name=N
     params = state.ema_params if use_ema else state.params
     if params is None:
         raise ValueError("use_ema=True but the state has no EMA (create it with ema_decay=...)")
+    args, kwargs = task.model_inputs(batch, train=False)
     outputs = policy.cast_outputs(state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats},
-        policy.cast_inputs(batch["image"]), train=False))
+        policy.cast_inputs(batch["image"]), *args, train=False, **kwargs))
     loss_sum, count = task.loss(outputs, batch)
     sums = {"loss_sum": loss_sum, "count": count, **task.metrics(outputs, batch)}
     return _psum(sums, axis_name)
@@ -227,3 +236,28 @@ def make_eval_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(
                  in_shardings=(state_sharding, NamedSharding(mesh, batch_spec(mesh))),
                  out_shardings=replicated(mesh))
     return Step(fn, int(np.prod(list(mesh.shape.values()))))
+
+
+def make_predict_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
+                      use_ema: bool = False):
+    """predict_step(state, batch) -> the model's inference outputs, split over the batch
+    like the batch (for metrics over a whole split, such as COCO AP: bring each host's
+    rows home with `host_rows`)."""
+    def predict(state, batch):
+        params = state.ema_params if use_ema else state.params
+        args, kwargs = task.model_inputs(batch, train=False)
+        return policy.cast_outputs(state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            policy.cast_inputs(batch["image"]), *args, train=False, **kwargs))
+
+    if use_ema and state_sharding.ema_params is None:
+        raise ValueError("use_ema=True but the state has no EMA (create it with ema_decay=...)")
+    sharding = NamedSharding(mesh, batch_spec(mesh))
+    return jax.jit(predict, in_shardings=(state_sharding, sharding), out_shardings=sharding)
+
+
+def host_rows(tree, mesh: Mesh):
+    """This host's rows of batch-split global arrays, as numpy (what it fed in)."""
+    from jax.experimental import multihost_utils
+    local = multihost_utils.global_array_to_host_local_array(tree, mesh, batch_spec(mesh))
+    return jax.device_get(local)

@@ -45,8 +45,20 @@ def _with_aux(outputs, loss, aux_weight):
     return total, count
 
 
+class Task:
+    """What the steps ask of a task: `check(batch)`, `count(batch)` (examples the loss
+    averages over), `loss(outputs, batch) -> (sum, count)`, `metrics(outputs, batch)` (sums),
+    and `model_inputs(batch, train) -> (args, kwargs)`, what the model takes besides the
+    images (nothing here; a detector's image sizes and targets)."""
+
+    losses_need_train_mode = False  # True: the model gives losses only with train=True
+
+    def model_inputs(self, batch, train: bool):
+        return (), {}
+
+
 @dataclasses.dataclass(frozen=True)
-class Classification:
+class Classification(Task):
     """Softmax cross-entropy with label smoothing, plus `aux_weight` (GoogLeNet's 0.3) x
     that of each auxiliary output; top-k accuracy. Labels: batch['label']."""
 
@@ -78,7 +90,7 @@ class Classification:
 
 
 @dataclasses.dataclass(frozen=True)
-class Segmentation:
+class Segmentation(Task):
     """Per-pixel cross-entropy ignoring `ignore_label`, plus `aux_weight` x that of each
     auxiliary output; a confusion matrix giving mIoU and pixel accuracy.
     Labels: batch['segmentation']."""
@@ -118,3 +130,68 @@ class Segmentation:
         preds = metrics.predictions(logits)  # -1 where logits are not finite: a miss
         return {"confusion": metrics.confusion_matrix(preds, batch["segmentation"],
                                                       self.num_classes, self._weights(batch))}
+
+
+TARGET_KEYS = ("boxes", "labels", "instance_valid", "masks", "keypoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection(Task):
+    """A detector's training loss: the sum of its loss terms (torchvision's loss dict, each
+    scaled by `loss_weights.get(name, 1)`), every term also reported as a metric.
+
+    Batch (flaxbones.data.detection): 'image', 'image_size' (N, 2) valid (h, w), padded
+    ground truth 'boxes' (N, G, 4) xyxy, 'labels' (N, G), 'instance_valid' (N, G), optional
+    'masks' (N, G, H, W) and 'keypoints' (N, G, K, 3). Every example of a training batch
+    must be a real image (the training streams drop the remainder): the detectors' losses
+    are means over the batch, as torchvision's. Evaluation is COCO AP over whole splits
+    (flaxbones.detection.coco_eval), not a per-batch metric.
+    """
+
+    loss_weights: tuple[tuple[str, float], ...] = ()
+    label_key = "boxes"
+    losses_need_train_mode = True
+
+    def check(self, batch):
+        _check_common(batch, self.label_key)
+        for key in ("image_size", "labels", "instance_valid"):
+            if key not in batch:
+                raise KeyError(f"a detection batch needs {key!r}; it has {sorted(batch)}")
+        n, g = batch["boxes"].shape[:2]
+        if batch["boxes"].shape != (n, g, 4):
+            raise ValueError(f"batch['boxes'] must be (N, G, 4), got {batch['boxes'].shape}")
+        for key in ("labels", "instance_valid"):
+            if batch[key].shape != (n, g):
+                raise ValueError(f"batch[{key!r}] must be (N, G) = {(n, g)} like the boxes, got "
+                                 f"{batch[key].shape}")
+        if batch["image_size"].shape != (n, 2):
+            raise ValueError(f"batch['image_size'] must be (N, 2), got {batch['image_size'].shape}")
+
+    def model_inputs(self, batch, train: bool):
+        if not train:
+            return (batch["image_size"],), {}
+        targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
+        return (batch["image_size"],), {"targets": targets}
+
+    def count(self, batch):
+        return losses.example_mask(batch, batch["boxes"].shape[0]).sum()
+
+    def _terms(self, outputs):
+        if not isinstance(outputs, dict) or "boxes" in outputs:
+            raise TypeError("a detector in train mode returns its loss terms (a dict of "
+                            "scalars); got detections: was it called with train=True and "
+                            "targets?")
+        weights = dict(self.loss_weights)
+        unknown = sorted(set(weights) - set(outputs))
+        if unknown:
+            raise ValueError(f"loss_weights name {unknown}, which this detector does not "
+                             f"compute; its terms are {sorted(outputs)}")
+        return {k: v * weights.get(k, 1.0) for k, v in outputs.items()}
+
+    def loss(self, outputs, batch):
+        count = self.count(batch)
+        return sum(self._terms(outputs).values()) * count, count
+
+    def metrics(self, outputs, batch):
+        count = self.count(batch)
+        return {f"{k}_sum": v * count for k, v in self._terms(outputs).items()}
