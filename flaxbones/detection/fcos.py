@@ -1,15 +1,26 @@
 """FCOS (torchvision's): anchor-free, one point per location (an anchor of the level's
 stride), GroupNorm towers, a centerness branch; the generic builder and the torchvision
 preset with its weight rules."""
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.detection.anchors import AnchorGenerator
-from flaxbones.detection.base import (check_num_classes, detection_backbone, fpn_rules,
-                                      torchvision_detector_source)
-from flaxbones.detection.onestage import DenseBranch, DenseDetector, flatten_level, group_norm
+from flaxbones.detection.base import (
+    check_num_classes,
+    detection_backbone,
+    fpn_rules,
+    torchvision_detector_source,
+)
+from flaxbones.detection.onestage import (
+    DenseBranch,
+    DenseDetector,
+    flatten_level,
+    group_norm,
+)
+from flaxbones.detection.onestage_losses import check_targets, fcos_loss
 from flaxbones.detection.retinanet import prior_bias
 from flaxbones.heads.fpn import FPN
 from flaxbones.layers import ConvNormModule, normal_001
@@ -65,7 +76,8 @@ class FCOS(DenseDetector):
     """FCOS detector (see `DenseDetector` for the call and outputs): score
     sqrt(sigmoid(cls) * sigmoid(centerness)), BoxLinearCoder(normalize_by_size=True) decoding
     from the level anchors' centres; sown intermediates 'cls_logits', 'bbox_regression',
-    'bbox_ctrness'. `center_sampling_radius` is torchvision's, kept for training."""
+    'bbox_ctrness'. Train mode returns torchvision's {'classification', 'bbox_regression',
+    'bbox_ctrness'} with its center sampling (`center_sampling_radius`) and scale ranges."""
 
     center_sampling_radius: float = 1.5
 
@@ -74,6 +86,13 @@ class FCOS(DenseDetector):
 
     def decode(self, codes, anchors):
         return linear_decode(codes, anchors)
+
+    def loss(self, outputs, anchors, level_counts, targets):
+        logits = outputs["cls_logits"]
+        boxes, labels, valid = check_targets(targets, logits.shape[0], logits.shape[-1])
+        return fcos_loss(logits, outputs["bbox_regression"], outputs["bbox_ctrness"], anchors,
+                         boxes, labels, valid, level_counts, self.center_sampling_radius,
+                         self.decode)
 
 
 @register_model("detector")

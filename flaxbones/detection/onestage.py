@@ -1,15 +1,19 @@
 """What the one-stage detectors (RetinaNet, FCOS, SSD) share: the dense head towers, head
 outputs flattened as torchvision orders them, static-shape candidate selection and the final
 batched NMS."""
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxbones.detection.base import (TRAINING_ISSUE, backbone_frozen_patterns,
-                                      check_detector_inputs, default_image_sizes,
-                                      frozen_bn_patterns)
+from flaxbones.detection.base import (
+    backbone_frozen_patterns,
+    check_detector_inputs,
+    default_image_sizes,
+    frozen_bn_patterns,
+)
 from flaxbones.detection.boxes import clip_boxes
 from flaxbones.detection.nms import batched_nms
 
@@ -87,12 +91,15 @@ class DenseDetector(nn.Module):
     `score_thresh` -> decoded, clipped boxes -> per-class NMS (RetinaNet, FCOS).
 
     `__call__(images (N, H, W, 3), image_sizes (N, 2) int (None: the full padded size),
-    train=False)` returns fixed-size `boxes` (N, K, 4) xyxy in the padded frame, `scores`,
-    `labels` (int32), `valid` (N, K) with K = `detections_per_img`; invalid slots are zeros.
+    train=False, targets=None)` returns fixed-size `boxes` (N, K, 4) xyxy in the padded frame,
+    `scores`, `labels` (int32), `valid` (N, K) with K = `detections_per_img`; invalid slots
+    are zeros.
     Sown "intermediates": the pyramid levels (`P3`, ...), the head's raw outputs concatenated
     over levels as torchvision returns them, and the anchors. Subclasses give `level_scores`
-    and `decode`. `frozen_param_patterns()` is torchvision's trainable_backbone_layers.
+    and `decode` (and `loss` for training). `frozen_param_patterns()` is torchvision's trainable_backbone_layers.
     `init` sows nothing and skips the postprocess (no parameters): empty detections.
+    With train=True and padded `targets` ('boxes' (N, G, 4) xyxy in the padded frame, 'labels',
+    'instance_valid' (N, G)) it returns torchvision's loss dict instead (subclasses' `loss`).
     """
 
     backbone: nn.Module
@@ -118,12 +125,16 @@ class DenseDetector(nn.Module):
     def decode(self, codes, anchors):
         raise NotImplementedError
 
-    def __call__(self, images, image_sizes=None, train: bool = False):
-        if train:
-            raise NotImplementedError(TRAINING_ISSUE)
+    def loss(self, outputs: dict, anchors, level_counts, targets) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, images, image_sizes=None, train: bool = False, targets=None):
+        if train and targets is None:
+            raise ValueError("train=True computes the losses: pass targets ('boxes', 'labels', "
+                             "'instance_valid')")
         image_sizes = default_image_sizes(images, image_sizes)
         check_detector_inputs(images, image_sizes)
-        pyramid = self.neck(self.backbone(images, train=False))
+        pyramid = self.neck(self.backbone(images, train=train))
         levels = [pyramid[n] for n in self.neck.out_levels()]
         outputs = self.head(levels)  # {key: [per level (N, HWA, columns)]}
         if self.is_initializing():  # nothing sown: init returns only the variables
@@ -134,6 +145,10 @@ class DenseDetector(nn.Module):
                 "anchors": jnp.concatenate(anchors)}
         for name, value in sown.items():
             self.sow("intermediates", name, value)
+        if train:
+            concat = {k: jnp.concatenate(v, axis=1).astype(jnp.float32)
+                      for k, v in outputs.items()}
+            return self.loss(concat, sown["anchors"], [a.shape[0] for a in anchors], targets)
         per_level = [{k: v[i].astype(jnp.float32) for k, v in outputs.items()}
                      for i in range(len(levels))]
         return jax.vmap(self._postprocess, in_axes=(0, None, 0))(per_level, anchors, image_sizes)

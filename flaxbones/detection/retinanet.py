@@ -2,16 +2,26 @@
 shared over levels, 9 anchors per location; the generic builder on any backbone and the
 torchvision presets with their weight rules."""
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from flax import linen as nn
 
 from flaxbones.detection.anchors import AnchorGenerator
-from flaxbones.detection.base import (check_num_classes, detection_backbone, fpn_rules,
-                                      torchvision_detector_source)
+from flaxbones.detection.base import (
+    check_num_classes,
+    detection_backbone,
+    fpn_rules,
+    torchvision_detector_source,
+)
 from flaxbones.detection.boxes import BoxCoder
-from flaxbones.detection.onestage import (DenseBranch, DenseDetector, flatten_level,
-                                          group_norm)
+from flaxbones.detection.onestage import (
+    DenseBranch,
+    DenseDetector,
+    flatten_level,
+    group_norm,
+)
+from flaxbones.detection.onestage_losses import check_targets, retinanet_loss
 from flaxbones.heads.fpn import FPN
 from flaxbones.layers import ConvNormModule, normal_001
 from flaxbones.registry import register_model
@@ -63,8 +73,8 @@ def retinanet_anchor_sizes(strides=(8, 16, 32, 64, 128)) -> tuple:
 class RetinaNet(DenseDetector):
     """RetinaNet detector (see `DenseDetector` for the call and outputs): sigmoid class
     scores, BoxCoder((1, 1, 1, 1)) decoding; sown intermediates 'cls_logits',
-    'bbox_regression'. `bbox_loss` ('l1' v1, 'giou' v2) is torchvision's regression loss,
-    kept as data for training."""
+    'bbox_regression'. Train mode returns torchvision's {'classification',
+    'bbox_regression'}; `bbox_loss` ('l1' v1, 'giou' v2) is its regression loss."""
 
     bbox_loss: str = "l1"
 
@@ -73,6 +83,12 @@ class RetinaNet(DenseDetector):
 
     def decode(self, codes, anchors):
         return BoxCoder((1.0, 1.0, 1.0, 1.0)).decode(codes, anchors)
+
+    def loss(self, outputs, anchors, level_counts, targets):
+        logits = outputs["cls_logits"]
+        boxes, labels, valid = check_targets(targets, logits.shape[0], logits.shape[-1])
+        return retinanet_loss(logits, outputs["bbox_regression"], anchors, boxes, labels, valid,
+                              self.bbox_loss)
 
 
 @register_model("detector")

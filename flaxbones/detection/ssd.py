@@ -8,12 +8,21 @@ from flax import linen as nn
 
 from flaxbones.backbones.vgg import STAGES
 from flaxbones.detection.anchors import DefaultBoxGenerator
-from flaxbones.detection.base import (TRAINING_ISSUE, check_detector_inputs, check_num_classes,
-                                      default_image_sizes, sequence_frozen_patterns,
-                                      torchvision_detector_source)
+from flaxbones.detection.base import (
+    check_detector_inputs,
+    check_num_classes,
+    default_image_sizes,
+    sequence_frozen_patterns,
+    torchvision_detector_source,
+)
 from flaxbones.detection.boxes import BoxCoder, clip_boxes
-from flaxbones.detection.onestage import (empty_detections, final_detections, flatten_level,
-                                          top_candidates)
+from flaxbones.detection.onestage import (
+    empty_detections,
+    final_detections,
+    flatten_level,
+    top_candidates,
+)
+from flaxbones.detection.onestage_losses import check_targets, ssd_loss
 from flaxbones.layers import ConvNormAct, ConvNormModule
 from flaxbones.registry import register_model
 
@@ -29,7 +38,7 @@ class SSDHead(ConvNormModule):
     num_classes: int
 
     @nn.compact
-    def __call__(self, maps):
+    def __call__(self, maps, train: bool = False):
         conv = self.conv_def(use_bias=True, kernel_init=xavier)
         pad = ((1, 1), (1, 1))
         out = {"cls_logits": [], "bbox_regression": []}
@@ -48,7 +57,10 @@ class SSD(nn.Module):
     per-class NMS. Same call and outputs as the other detectors (K = `detections_per_img`,
     invalid slots zeros); sown intermediates: the maps ('map_0', ...), 'cls_logits',
     'bbox_regression', 'anchors'. `frozen_param_patterns()` is torchvision's
-    trainable_backbone_layers (the backbone's `frozen_param_patterns(trainable_layers)`)."""
+    trainable_backbone_layers (the backbone's `frozen_param_patterns(trainable_layers)`).
+    train=True with padded `targets` returns torchvision's {'bbox_regression',
+    'classification'}: SSDMatcher(`iou_thresh`), smooth-L1, cross-entropy with hard negatives
+    (`neg_to_pos_ratio` per positive)."""
 
     backbone: nn.Module
     head: nn.Module
@@ -58,17 +70,20 @@ class SSD(nn.Module):
     detections_per_img: int = 200
     topk_candidates: int = 400
     trainable_layers: int | None = None
+    iou_thresh: float = 0.5
+    neg_to_pos_ratio: float = 3.0
 
     def frozen_param_patterns(self) -> tuple[str, ...]:
         return self.backbone.frozen_param_patterns(self.trainable_layers)
 
-    def __call__(self, images, image_sizes=None, train: bool = False):
-        if train:
-            raise NotImplementedError(TRAINING_ISSUE)
+    def __call__(self, images, image_sizes=None, train: bool = False, targets=None):
+        if train and targets is None:
+            raise ValueError("train=True computes the losses: pass targets ('boxes', 'labels', "
+                             "'instance_valid')")
         image_sizes = default_image_sizes(images, image_sizes)
         check_detector_inputs(images, image_sizes)
-        maps = self.backbone(images, train=False)
-        outputs = self.head(maps)
+        maps = self.backbone(images, train=train)
+        outputs = self.head(maps, train=train)
         if self.is_initializing():  # nothing sown, no postprocess (it has no parameters)
             return empty_detections(images.shape[0], self.detections_per_img)
         shapes = [x.shape[1:3] for x in maps]
@@ -77,6 +92,11 @@ class SSD(nn.Module):
         for name, value in sown.items():
             self.sow("intermediates", name, value)
         outputs = {k: v.astype(jnp.float32) for k, v in outputs.items()}
+        if train:
+            logits = outputs["cls_logits"]
+            boxes, labels, valid = check_targets(targets, logits.shape[0], logits.shape[-1])
+            return ssd_loss(logits, outputs["bbox_regression"], anchors, boxes, labels, valid,
+                            self.iou_thresh, self.neg_to_pos_ratio)
         return jax.vmap(self._postprocess, in_axes=(0, 0, None, 0))(
             outputs["cls_logits"], outputs["bbox_regression"], anchors, image_sizes)
 
@@ -178,4 +198,4 @@ def ssd300_vgg16(num_classes: int = 91, score_thresh: float = 0.01, nms_thresh: 
                topk_candidates, trainable_layers)
 
 
-__all__ = ["SSD", "SSDHead", "SSDVGG16", "ssd300_vgg16"]
+__all__ = ["SSD", "SSDVGG16", "SSDHead", "ssd300_vgg16"]

@@ -10,12 +10,21 @@ from flax import linen as nn
 
 from flaxbones.backbones.mobilenet_v3 import ACTS, LARGE, STEM
 from flaxbones.detection.anchors import DefaultBoxGenerator
-from flaxbones.detection.base import (check_num_classes, sequence_frozen_patterns,
-                                      torchvision_detector_source, unit_stage_starts)
+from flaxbones.detection.base import (
+    check_num_classes,
+    sequence_frozen_patterns,
+    torchvision_detector_source,
+    unit_stage_starts,
+)
 from flaxbones.detection.onestage import flatten_level
 from flaxbones.detection.ssd import SSD
-from flaxbones.layers import (ConvNormAct, ConvNormModule, InvertedResidual, SqueezeExcite,
-                              make_divisible)
+from flaxbones.layers import (
+    ConvNormAct,
+    ConvNormModule,
+    InvertedResidual,
+    SqueezeExcite,
+    make_divisible,
+)
 from flaxbones.registry import register_model
 
 # torchvision's `reduced_tail=True` (what the COCO weights use): the last stage at half width.
@@ -87,7 +96,7 @@ class _TappedInvertedResidual(InvertedResidual):
 
     @nn.compact
     def __call__(self, x):
-        block = dict(conv=self.conv, norm=self.norm)
+        block = {"conv": self.conv, "norm": self.norm}
         tap = y = ConvNormAct(self.expanded, 1, act=self.act, name="expand", **block)(x)
         y = ConvNormAct(self.expanded, self.kernel_size, self.stride, self.dilation,
                         groups=self.expanded, act=self.act, name="dw", **block)(y)
