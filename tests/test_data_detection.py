@@ -276,3 +276,62 @@ def test_not_a_detection_dataset(mocked):
 def test_bad_arguments(shapes_dir):
     with pytest.raises(ValueError, match="model=<name>"):
         fbd.detection_pipeline(INSTANCES, batch_size=2, train=True, data_dir=shapes_dir)
+
+
+def coco_reader_like():
+    """Decoded raw examples as flaxbones.data.coco.coco_dataset yields them (labels are
+    category ids, crowd flagged, keypoints in pixels)."""
+    def examples():
+        for i, n in enumerate((2, 1, 3)):
+            h, w = 40 + 8 * i, 60 - 4 * i
+            masks = np.zeros((n, h, w), np.uint8)
+            boxes, kps = [], np.zeros((n, 17, 3), np.float32)
+            for k in range(n):
+                y0, x0 = 4 + 6 * k, 5 + 7 * k
+                masks[k, y0:y0 + 10, x0:x0 + 12] = 1
+                boxes.append([y0 / h, x0 / w, (y0 + 10) / h, (x0 + 12) / w])
+                kps[k, 1] = (x0 + 2, y0 + 3, 2)
+            yield {"image": np.full((h, w, 3), 10 * i, np.uint8), "image/id": 7 + i,
+                   "image/filename": f"{i}.jpg",
+                   "objects": {"bbox": np.array(boxes, np.float32),
+                               "label": np.array([1, 90, 44][:n], np.int64),
+                               "is_crowd": np.arange(n) == 2, "mask": masks,
+                               "keypoints": kps}}
+    objects = {"bbox": tf.TensorSpec((None, 4), tf.float32),
+               "label": tf.TensorSpec((None,), tf.int64),
+               "is_crowd": tf.TensorSpec((None,), tf.bool),
+               "mask": tf.TensorSpec((None, None, None), tf.uint8),
+               "keypoints": tf.TensorSpec((None, 17, 3), tf.float32)}
+    spec = {"image": tf.TensorSpec((None, None, 3), tf.uint8),
+            "image/id": tf.TensorSpec((), tf.int64), "image/filename": tf.TensorSpec((), tf.string),
+            "objects": objects}
+    return tf.data.Dataset.from_generator(examples, output_signature=spec)
+
+
+def test_stored_reader_output_with_keypoints(tmp_path):
+    builder = detection.store_detection_dataset("coco_like", {"val": coco_reader_like()},
+                                                str(tmp_path), masks=True, keypoints=17)
+    again = detection.store_detection_dataset("coco_like", {"val": coco_reader_like()},
+                                              str(tmp_path), masks=True, keypoints=17)
+    assert again.data_dir == builder.data_dir  # prepared once, then found
+    kwargs = {"builder": builder, "split": "val", "batch_size": 3, "model":
+              "keypointrcnn_resnet50_fpn", "min_size": 80, "max_size": 160, "label_offset": 0,
+              "max_instances": 4}
+    (plain,) = list(fbd.detection_pipeline(train=False, **kwargs))
+    flipped = next(iter(fbd.detection_pipeline(train=True, flip_prob=1.0, **kwargs)))
+    assert plain["keypoints"].shape == (3, 4, 17, 3) and plain["masks"].shape[:2] == (3, 4)
+    for batch, flip in ((plain, False), (flipped, True)):
+        for j in range(3):
+            i = int(batch["image_id"][j]) - 7
+            n, w = (2, 1, 2)[i], batch["original_size"][j, 1]
+            assert batch["instance_valid"][j].sum() == n  # the crowd instance dropped
+            assert batch["labels"][j, :n].tolist() == [1, 90][:n]
+            ratio = batch["image_size"][j] / batch["original_size"][j]
+            for k in range(n):
+                x, y = 5 + 7 * k + 2, 4 + 6 * k + 3
+                index = 2 if flip else 1  # left eye <-> right eye
+                expected = [(w - x if flip else x) * ratio[1], y * ratio[0], 2]
+                np.testing.assert_allclose(batch["keypoints"][j, k, index], expected, rtol=1e-5)
+                assert not batch["keypoints"][j, k, 3 - index].any()
+                box = batch["boxes"][j, k]
+                np.testing.assert_allclose(box, extents(batch["masks"][j, k]), atol=1.5)

@@ -28,6 +28,9 @@ Batches (B = batch, G = max_instances, H x W a size bucket):
 H and W are `transform.padded_size`'s buckets (the ones `detection.preprocess` uses) of the
 batch's largest image, so a step compiles a bounded number of times; `pad_size=(H, W)`
 fixes one. More than G instances in an image is an error naming the image, never a drop.
+
+Raw examples that are not a TFDS dataset (`flaxbones.data.coco.coco_dataset`'s tf.data
+output) are written once as one with `store_detection_dataset`, then read as any other.
 """
 import dataclasses
 import re
@@ -36,6 +39,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from flaxbones.data import pipeline, sources
 
@@ -355,3 +359,48 @@ def _random_flip(image, target, width, seed, prob, flip_map):
     target = {**target, **{k: tf.cond(flip, lambda v=v: v, lambda k=k: target[k])
                            for k, v in flipped.items()}}
     return image, target
+
+
+def store_detection_dataset(name: str, split_datasets: dict, data_dir: str, *,
+                            masks: bool = False, keypoints: int | None = None,
+                            label_names=None, version: str = "1.0.0"):
+    """Write raw detection examples (e.g. `flaxbones.data.coco.coco_dataset`'s, one
+    unsharded dataset per split) once as a TFDS dataset in `data_dir` (a later call finds
+    it there) and return its builder for `detection_pipeline(builder=...)`: the host
+    split, shuffled pieces and exact resume then work as for any TFDS dataset. Masks are stored zlib-compressed;
+    `keypoints` = K per instance; `label_names` makes 'objects/label' a ClassLabel."""
+    label = (tfds.features.ClassLabel(names=list(label_names)) if label_names is not None
+             else np.int64)
+    objects = {"bbox": tfds.features.BBoxFeature(), "label": label, "is_crowd": np.bool_}
+    if masks:
+        objects["mask"] = tfds.features.Tensor(shape=(None, None), dtype=np.uint8,
+                                               encoding=tfds.features.Encoding.ZLIB)
+    if keypoints:
+        objects["keypoints"] = tfds.features.Tensor(shape=(keypoints, 3), dtype=np.float32)
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), "image/id": np.int64,
+        "objects": tfds.features.Sequence(objects)})
+    keep = {"image", "image/id", "objects"}
+
+    def raw(ds):
+        def select(ex):
+            ex = {k: v for k, v in ex.items() if k in keep}
+            ex["objects"] = {k: v for k, v in ex["objects"].items() if k in objects}
+            return ex
+        return ds.map(select)
+
+    builder = _StoredBuilder(name=name, version=version, features=features, data_dir=data_dir,
+                             split_datasets={s: raw(ds) for s, ds in split_datasets.items()})
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    return builder
+
+
+class _StoredBuilder(tfds.dataset_builders.AdhocBuilder):
+    """TFDS's AdhocBuilder, without its code_path lookup (it needs `importlib_resources`)."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return epath.Path(__file__)
