@@ -5,6 +5,7 @@ conv; bad targets raise."""
 import copy
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onestage_ref as ref_utils
 import pytest
@@ -52,10 +53,10 @@ def _torchvision(name, seed):
     if not name.startswith("ssd"):  # without weights every layer trains: conv1 has a grad
         kwargs.update(min_size=64, max_size=96)
     model = ref_utils.randomize(getattr(tvd, name)(**kwargs), seed)
+    if name.startswith("ssdlite"):  # a smaller fixed size: the loss math is size-agnostic
+        model.transform.fixed_size = (160, 160)
     if name in ("retinanet_resnet50_fpn", "fcos_resnet50_fpn"):  # COCO weights' FrozenBN
         _freeze_bn(model.backbone.body, 0.0 if name.startswith("retina") else 1e-5)
-    if "lite" in name:
-        ref_utils.calibrate(model, ref_utils.images())
     return model
 
 
@@ -102,12 +103,12 @@ def _flax_losses(model, variables, images, sizes, targets):
     """(losses, gradient of the summed losses w.r.t. the params) under jit, train mode."""
     rest = {k: v for k, v in variables.items() if k != "params"}
 
-    def total(params):
+    def total(params, targets):
         losses, _ = model.apply({"params": params, **rest}, images, sizes, train=True,
                                 targets=targets, mutable=["batch_stats"])
         return sum(losses.values()), losses
 
-    grad, losses = jax.jit(jax.grad(total, has_aux=True))(variables["params"])
+    grad, losses = jax.jit(jax.grad(total, has_aux=True))(variables["params"], targets)
     return jax.device_get(losses), grad
 
 
@@ -125,7 +126,8 @@ def case(request, tmp_path_factory):
     expected, torch_grad = _torch_losses(tv, imgs, targets, torch_conv)
     images = batch.tensors.permute(0, 2, 3, 1).numpy()
     sizes = np.asarray(batch.image_sizes, np.int32)
-    model = fb.create_model(name, num_classes=5)
+    # lax's convolutions: the CPU rewrites (parity-tested on their own) compile ~2x slower
+    model = fb.create_model(name, num_classes=5, cpu_kernels=False)
     losses, grad = _flax_losses(model, variables, images, sizes, _pad(moved))
     for key in flax_kernel.split("/"):
         grad = grad[key]
@@ -158,3 +160,46 @@ def test_first_conv_gradient_equals_torchvision(case):
     print(f"{case['name']} first conv grad rel to float64: flaxbones {ours:.2g}, torchvision "
           f"{theirs:.2g}; flaxbones vs torchvision float32 {vs_torch:.2g}")
     assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small RetinaNet and the shapes of its variables: targets are checked before any math."""
+    model = fb.create_model("retinanet", backbone="resnet18", num_classes=3, fpn_channels=32)
+    images = jnp.zeros((2, 64, 64, 3))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+
+    def losses(targets, train=True):
+        return jax.eval_shape(lambda v: model.apply(v, images, train=train, targets=targets,
+                                                    mutable=["batch_stats"])[0], shapes)
+    return losses
+
+
+def _good(g=2):
+    boxes = np.tile(np.array([[4.0, 4.0, 30.0, 40.0]], np.float32), (2, g, 1))
+    return {"boxes": boxes, "labels": np.ones((2, g), np.int32),
+            "instance_valid": np.ones((2, g), bool)}
+
+
+def test_targets_checked(small):
+    assert sorted(small(_good())) == ["bbox_regression", "classification"]
+    assert small(_good(0))["classification"].shape == ()  # no ground truth slot at all
+    with pytest.raises(ValueError, match="pass targets"):
+        small(None)
+    with pytest.raises(ValueError, match="instance_valid"):
+        small({k: v for k, v in _good().items() if k != "instance_valid"})
+    with pytest.raises(ValueError, match=r"\(N=2, G, 4\)"):
+        small({**_good(), "boxes": np.zeros((2, 2, 5), np.float32)})
+    with pytest.raises(ValueError, match="labels"):
+        small({**_good(), "labels": np.ones((2, 3), np.int32)})
+    with pytest.raises(ValueError, match="integers"):
+        small({**_good(), "labels": np.ones((2, 2), np.float32)})
+    with pytest.raises(TypeError, match="dict"):
+        small([_good()])
+    flat = _good()
+    flat["boxes"][1, 1, 2] = 4.0
+    with pytest.raises(ValueError, match="image 1 box 1"):
+        small(flat)
+    small({**flat, "instance_valid": np.array([[True, True], [True, False]])})  # padding: fine
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        small({**_good(), "labels": np.full((2, 2), 3, np.int32)})
