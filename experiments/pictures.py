@@ -105,13 +105,15 @@ def plot_curves(metrics_log, path):
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "eval"]
     eval_keys = sorted({k for r in evals for k, v in r.items()
-                        if k not in ("step", "split", "loss") and isinstance(v, (int, float))})
+                        if k not in ("step", "split", "loss") and isinstance(v, (int, float))
+                        and ("/" not in k or k.endswith(("/AP", "/AP50")))})  # COCO: headline
     fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(4 * (1 + len(eval_keys)), 3),
                              squeeze=False, sharex=True, layout="constrained")
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], ".-", label="train")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    if any("loss" in r for r in evals):
+        ax.plot([r["step"] for r in evals if "loss" in r], [r["loss"] for r in evals if "loss" in r],
+                "o-", label="eval")
     ax.set_title("loss")
     ax.legend()
     for ax, key in zip(axes[0][1:], eval_keys):
@@ -151,3 +153,47 @@ def plot_confusion(cm, class_names, path, max_labelled=30):
                  fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_detections(path, images, truths, preds, class_names=None, score_thresh=0.5,
+                    panel_inches=2.6):
+    """One row per example: ground truth | detections scoring >= `score_thresh`, each
+    instance's mask filled and its box drawn in its class colour, named (with the score).
+
+    `images` uint8 (N, H, W, 3); `truths` and `preds` per image dicts of numpy arrays in the
+    image's frame: `boxes` (k, 4) xyxy, `labels` (k,), optional `masks` (k, H, W) (> 0.5 is
+    inside) and, for predictions, `scores` (k,).
+    """
+    height, width = np.shape(images)[1:3]
+    fig, axes = plt.subplots(len(images), 2, squeeze=False, layout="constrained",
+                             figsize=(panel_inches * 2, panel_inches * height / width
+                                      * len(images) + 0.3))
+    for row, (image, truth, pred) in enumerate(zip(images, truths, preds)):
+        keep = pred["scores"] >= score_thresh
+        pred = {k: v[keep] for k, v in pred.items() if v is not None}
+        for ax, title, found in ((axes[row][0], "ground truth", truth),
+                                 (axes[row][1], f"detections (score >= {score_thresh})", pred)):
+            ax.imshow(_paint_masks(image, found), interpolation="antialiased")
+            for i, (box, label) in enumerate(zip(found["boxes"], found["labels"])):
+                rgb = colour(int(label)) / 255
+                ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1],
+                                           fill=False, edgecolor=rgb, linewidth=1.2))
+                name = class_names[label] if class_names and label < len(class_names) else label
+                text = f"{name} {found['scores'][i]:.2f}" if "scores" in found else f"{name}"
+                ax.text(box[0], box[1], text, fontsize=6, color="white", va="bottom",
+                        bbox=dict(facecolor=rgb, edgecolor="none", pad=0.5, alpha=0.9))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _paint_masks(image, found, alpha=0.55):
+    """The image with each instance's mask blended in its class colour."""
+    out = image.astype(np.float32)
+    for mask, label in zip(found.get("masks", ()), found["labels"]):
+        inside = np.asarray(mask)[:out.shape[0], :out.shape[1]] > 0.5
+        out[inside] = (1 - alpha) * out[inside] + alpha * colour(int(label))
+    return out.astype(np.uint8)

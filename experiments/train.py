@@ -44,11 +44,14 @@ def build_model(config):
 
 
 def build_task(config):
+    if config.task == "detection":
+        return ft.Detection(loss_weights=tuple(config.detection.loss_weights.items()))
     if config.task == "segmentation":
         return ft.Segmentation(config.num_classes, aux_weight=config.aux_weight)
     if config.task == "classification":
         return ft.Classification(label_smoothing=config.label_smoothing)
-    raise ValueError(f"config.task must be 'segmentation' or 'classification', got {config.task!r}")
+    raise ValueError(f"config.task must be 'classification', 'segmentation' or 'detection', "
+                     f"got {config.task!r}")
 
 
 def build_optimizer(config):
@@ -66,6 +69,12 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
                   mean=mean, std=std, mesh=mesh, seed=config.seed, cache=config.cache)
     if train:
         common["start_batch"] = start_batch
+    if config.task == "detection":
+        d = config.detection
+        return fbd.detection_pipeline(
+            config.dataset, min_size=d.min_size, max_size=d.max_size,
+            pad_size=pair(d.pad_size, "config.detection.pad_size"),
+            max_instances=d.max_instances, **common)
     if config.task == "segmentation":
         size = (dict(crop_size=pair(config.crop_size, "config.crop_size")) if train
                 else dict(eval_size=pair(config.eval_size, "config.eval_size")))
@@ -80,6 +89,30 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
 
 def add(total, sums):
     return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+
+
+def input_shape(config):
+    """The sample batch shape the train state is created with."""
+    if config.task == "detection":
+        return (1, *pair(config.detection.pad_size, "config.detection.pad_size"), 3)
+    return (1, *pair(config.crop_size if config.task == "segmentation" else config.image_size), 3)
+
+
+def evaluate_detection(predict_step, state, data, config, mesh):
+    """COCO AP (pycocotools) over one exact pass of `data`: against the annotation json of
+    config.detection.annotations, or the pipeline's own ground truth mapped back."""
+    from flaxbones.detection.coco_eval import CocoEvaluator, batch_ground_truth
+    d = config.detection
+    evaluator = CocoEvaluator(d.annotations or None, iou_types=tuple(d.iou_types),
+                              categories=range(1, config.num_classes))
+    for batch in data:
+        outputs, rows = ft.host_rows((predict_step(state, batch), batch), mesh)
+        evaluator.add(fb.detection.postprocess(outputs, rows["image_size"],
+                                               rows["original_size"]),
+                      rows["image_id"], rows["valid"])
+        if not d.annotations:
+            evaluator.add_ground_truth(batch_ground_truth(rows))
+    return evaluator.evaluate()
 
 
 def evaluate(eval_step, state, data, task):
@@ -171,6 +204,8 @@ def save_pictures(config, model, state, eval_data, workdir):
     if main:
         out.mkdir(parents=True, exist_ok=True)
         pictures.plot_curves(pathlib.Path(workdir) / "metrics.jsonl", out / "curves.png")
+    if config.task == "detection":
+        return [out / "curves.png", save_detections(config, model, variables, eval_data, out)]
     if config.task == "segmentation":
         batch, preds = gathered(next(iter(eval_data)))
         keep = np.flatnonzero(batch["valid"])[:config.num_pictures]
@@ -190,6 +225,33 @@ def save_pictures(config, model, state, eval_data, workdir):
     return [out / "curves.png", out / "confusion.png"]
 
 
+def save_detections(config, model, variables, eval_data, out):
+    """Held-out images: ground truth beside the detections, in the resized frame."""
+    from jax.experimental import multihost_utils
+    batch = next(iter(eval_data))
+    outputs = jax.jit(lambda v, x, s: model.apply(v, x, s, train=False))(
+        variables, batch["image"], batch["image_size"])
+    batch, outputs = multihost_utils.process_allgather((batch, outputs), tiled=True)
+    path = out / "detections.png"
+    if jax.process_index() != 0:
+        return path
+    keep = np.flatnonzero(batch["valid"])[:config.num_pictures]
+    sizes = np.asarray(batch["image_size"])[keep]
+    preds = fb.detection.postprocess({k: np.asarray(v)[keep] for k, v in outputs.items()},
+                                     sizes, sizes)
+    truths = [{"boxes": batch["boxes"][i][batch["instance_valid"][i]],
+               "labels": batch["labels"][i][batch["instance_valid"][i]],
+               **({"masks": batch["masks"][i][batch["instance_valid"][i]]}
+                  if "masks" in batch else {})} for i in keep]
+    mean, std = fbd.normalization(model=config.normalize_like)
+    h, w = sizes.max(0)
+    images = pictures.denormalize(batch["image"][keep][:, :h, :w], mean, std)
+    builder = fbd.load_builder(config.dataset, config.data_dir or None)
+    names = ["background", *getattr(builder.info.features["objects"]["label"], "names", [])]
+    pictures.save_detections(path, images, truths, preds, names)
+    return path
+
+
 def class_names(config):
     """The dataset's label names when TFDS knows them, else None."""
     builder = fbd.load_builder(config.dataset, config.data_dir or None)
@@ -206,9 +268,8 @@ def train_and_evaluate(config, workdir):
     model, policy = build_model(config)
     task = build_task(config)
     tx = build_optimizer(config)
-    size = config.crop_size if config.task == "segmentation" else config.image_size
-    input_shape = (1, *pair(size), 3)
-    shardings = ft.state_shardings(model, tx, input_shape, mesh, policy=policy)
+    shape = input_shape(config)
+    shardings = ft.state_shardings(model, tx, shape, mesh, policy=policy)
     meta = {"model": config.model, "model_kwargs": {"num_classes": config.num_classes,
                                                      **config.model_kwargs.to_dict()},
             "config": json.loads(config.to_json())}
@@ -216,11 +277,18 @@ def train_and_evaluate(config, workdir):
     with Checkpoints(workdir / "checkpoints", save_every=config.checkpoint_every,
                      keep=config.keep_checkpoints, best_metric=config.best_metric or None,
                      meta=meta) as ckpt, PreemptionGuard() as guard:
-        state, position = initial_state(config, model, policy, tx, mesh, input_shape, ckpt)
+        state, position = initial_state(config, model, policy, tx, mesh, shape, ckpt)
         step = int(state.step)
         train_step = ft.make_train_step(task, mesh, shardings, policy=policy,
                                         bn_mode=config.bn_mode, check_every=config.log_every)
-        eval_step = ft.make_eval_step(task, mesh, shardings, policy=policy)
+        if config.task == "detection":
+            predict_step = ft.make_predict_step(task, mesh, shardings, policy=policy)
+            def run_eval(state):
+                return evaluate_detection(predict_step, state, eval_data, config, mesh)
+        else:
+            eval_step = ft.make_eval_step(task, mesh, shardings, policy=policy)
+            def run_eval(state):
+                return evaluate(eval_step, state, eval_data, task)
         train_data = build_data(config, mesh, train=True, start_batch=position)
         eval_data = build_data(config, mesh, train=False)
         metrics, total, seen, tick = {}, None, 0, time.time()
@@ -242,7 +310,7 @@ def train_and_evaluate(config, workdir):
                 total, seen, tick = None, 0, time.time()
             stop = guard.should_stop(step)
             if step % config.eval_every == 0 or step == config.num_steps:
-                metrics = evaluate(eval_step, state, eval_data, task)
+                metrics = run_eval(state)
                 scalars = log.write(step, "eval", metrics)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
                 ckpt.save(step, state, data=position, metrics=scalars, force=True)
@@ -255,7 +323,7 @@ def train_and_evaluate(config, workdir):
         train_step.check_finite()
         ckpt.wait()
     if not metrics:
-        metrics = evaluate(eval_step, state, eval_data, task)
+        metrics = run_eval(state)
     paths = save_pictures(config, model, state, eval_data, workdir)
     if jax.process_index() == 0:
         print("pictures: " + ", ".join(str(p) for p in paths))
@@ -269,7 +337,8 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    keys = [k for k in ("miou", "pixel_accuracy", "top1", "top5", "loss") if k in metrics]
+    keys = [k for k in ("miou", "pixel_accuracy", "top1", "top5", "loss", "bbox/AP", "bbox/AP50",
+                        "segm/AP", "segm/AP50", "keypoints/AP") if k in metrics]
     print("final eval: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys))
 
 

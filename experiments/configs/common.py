@@ -16,7 +16,7 @@ def size(value) -> FieldReference:
 
 def base(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "classification"  # or "segmentation"
+    c.task = "classification"  # or "segmentation", "detection" (then set c.detection)
     c.model = "resnet50"  # any fb.list_models() name
     c.model_kwargs = ml_collections.ConfigDict()  # extra create_model kwargs (backbone=, output_stride=, ...)
     c.normalize_like = "resnet50"  # whose weight-source mean/std normalise the images
@@ -47,6 +47,20 @@ def base(**overrides) -> ml_collections.ConfigDict:
     c.seed = 0
     c.update(overrides)
     return c
+
+
+def detection(**overrides) -> ml_collections.ConfigDict:
+    """A detection config's input and evaluation settings (config.detection)."""
+    d = ml_collections.ConfigDict()
+    d.min_size = 800  # torchvision's resize rule: shorter side to min_size ...
+    d.max_size = 1333  # ... longer side at most max_size
+    d.pad_size = size((800, 1344))  # every batch padded to this (one compile)
+    d.max_instances = 100  # ground truth per image (more is an error naming the image)
+    d.iou_types = ("bbox",)  # COCO AP kinds: bbox, segm, keypoints
+    d.annotations = ""  # a COCO annotation json for evaluation ("": the pipeline's own)
+    d.loss_weights = ml_collections.ConfigDict()  # e.g. {"loss_mask": 2.0}
+    d.update(overrides)
+    return d
 
 
 def pair(size, what: str = "size") -> tuple[int, int]:

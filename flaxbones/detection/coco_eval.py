@@ -313,3 +313,31 @@ def _run_cocoeval(gt, results, iou_type, image_ids):
         ev.accumulate()
         ev.summarize()
     return [float("nan") if s == -1 else float(s) for s in ev.stats]
+
+
+def batch_ground_truth(batch: Mapping[str, Any]) -> dict:
+    """A detection batch's ground truth (host numpy rows, in the resized frame the model
+    sees) mapped to each original frame for `CocoEvaluator.add_ground_truth`: boxes (and
+    keypoints) scaled back as detections are, masks resized back with nearest sampling.
+    Exact when the transform keeps the size (the built-in datasets at their own size);
+    evaluate COCO itself against its annotation json."""
+    sizes = np.asarray(batch["image_size"]).reshape(-1, 2)
+    originals = np.asarray(batch["original_size"]).reshape(-1, 2)
+    ratio = originals / np.maximum(sizes, 1)  # (B, 2) as (h, w)
+    out = {k: batch[k] for k in ("image_id", "original_size", "labels", "instance_valid",
+                                 "valid") if k in batch}
+    out["boxes"] = np.asarray(batch["boxes"]) * np.tile(ratio[:, ::-1], 2)[:, None, :]
+    if batch.get("keypoints") is not None:
+        points = np.array(batch["keypoints"], np.float32)
+        points[..., :2] *= ratio[:, None, None, ::-1]
+        out["keypoints"] = points
+    if batch.get("masks") is not None:
+        masks = np.asarray(batch["masks"])
+        height, width = originals.max(0)
+        resized = np.zeros(masks.shape[:2] + (height, width), masks.dtype)
+        for i, ((h, w), (oh, ow)) in enumerate(zip(sizes, originals)):
+            rows = np.minimum((np.arange(oh) + 0.5) * h / oh, h - 1).astype(int)
+            cols = np.minimum((np.arange(ow) + 0.5) * w / ow, w - 1).astype(int)
+            resized[i, :, :oh, :ow] = masks[i][:, rows][:, :, cols]
+        out["masks"] = resized
+    return out
