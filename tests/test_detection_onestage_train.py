@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch_ref
 import torchvision.models.detection as tvd
+from torchvision.ops import box_iou as torchvision_box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import flaxbones as fb
@@ -203,3 +204,100 @@ def test_targets_checked(small):
     small({**flat, "instance_valid": np.array([[True, True], [True, False]])})  # padding: fine
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         small({**_good(), "labels": np.full((2, 2), 3, np.int32)})
+
+
+# --- the loss math alone against torchvision's compute_loss: ties, crowded and empty images ---
+
+def _synthetic(seed, anchors_xyxy, classes, step=0.5):
+    """Head outputs quantised to `step` (exact ties between anchors) and the ground truth:
+    image 0 with five boxes (two of equal area), image 1 with none; padded to PADDED rows."""
+    g = torch.Generator().manual_seed(seed)
+    n = anchors_xyxy.shape[0]
+    logits = torch.round(torch.randn(2, n, classes, generator=g) * 2 / step) * step
+    codes = torch.randn(2, n, 4, generator=g) * 0.3
+    boxes = torch.tensor([[4.0, 4.0, 36.0, 28.0], [20.0, 10.0, 60.0, 62.0],
+                          [30.0, 30.0, 46.0, 54.0], [6.0, 34.0, 30.0, 50.0],
+                          [8.0, 36.0, 32.0, 52.0]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3, 1, 2]) % classes},
+               {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}]
+    return logits, codes, targets
+
+
+def _grid_anchors(strides=(8, 16, 32), size=64, scale=1.0):
+    """One square anchor of `scale` x stride per location of each level, as FCOS's."""
+    levels = []
+    for s in strides:
+        c = torch.arange(0, size, s, dtype=torch.float32)
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        half = scale * s / 2
+        levels.append(torch.stack([x - half, y - half, x + half, y + half], -1).reshape(-1, 4))
+    return levels
+
+
+def test_retinanet_and_ssd_loss_math_with_ties():
+    from types import SimpleNamespace as NS
+
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.retinanet import (
+        RetinaNetClassificationHead,
+        RetinaNetRegressionHead,
+    )
+    from torchvision.models.detection.ssd import SSD
+
+    from flaxbones.detection.onestage_losses import retinanet_loss, ssd_loss
+
+    anchors = torch.cat(_grid_anchors(scale=3.0) + _grid_anchors(scale=1.5))
+    logits, codes, targets = _synthetic(0, anchors, 4)
+    padded = _pad(targets)
+    args = (jnp.asarray(logits.numpy()), jnp.asarray(codes.numpy()), anchors.numpy(),
+            padded["boxes"], padded["labels"], padded["instance_valid"])
+    for loss_type in ("l1", "giou"):
+        reg = NS(box_coder=det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0)), _loss_type=loss_type)
+        cls = NS(BETWEEN_THRESHOLDS=-2)
+        head = NS(compute_loss=lambda t, h, a, m, reg=reg, cls=cls: {
+            "classification": RetinaNetClassificationHead.compute_loss(cls, t, h, m),
+            "bbox_regression": RetinaNetRegressionHead.compute_loss(reg, t, h, a, m)})
+        model = NS(proposal_matcher=det_utils.Matcher(0.5, 0.4, True), head=head)
+        expected = tvd.RetinaNet.compute_loss(
+            model, targets, {"cls_logits": logits, "bbox_regression": codes}, [anchors] * 2)
+        got = jax.jit(retinanet_loss, static_argnums=6)(*args, loss_type)
+        for k, v in expected.items():
+            torch_ref.assert_close(got[k], v.item(), what=f"retinanet {loss_type} {k}")
+    matcher = det_utils.SSDMatcher(0.5)
+    matched = [matcher(torchvision_box_iou(t["boxes"], anchors)) if len(t["boxes"])
+               else torch.full((anchors.shape[0],), -1) for t in targets]
+    model = NS(box_coder=det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0)), neg_to_pos_ratio=3.0)
+    expected = SSD.compute_loss(model, targets, {"cls_logits": logits, "bbox_regression": codes},
+                                [anchors] * 2, matched)
+    got = jax.jit(ssd_loss)(*args)
+    for k, v in expected.items():  # tied negatives at the cut-off: equal losses whichever
+        torch_ref.assert_close(got[k], v.item(), what=f"ssd {k}")
+
+
+def test_fcos_loss_math_with_ties():
+    from types import SimpleNamespace as NS
+
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.fcos import FCOSHead
+
+    from flaxbones.detection.fcos import linear_decode
+    from flaxbones.detection.onestage_losses import fcos_loss
+
+    levels = _grid_anchors()
+    anchors = torch.cat(levels)
+    logits, codes, targets = _synthetic(1, anchors, 4)
+    codes = codes.abs() + 0.5  # FCOS regresses ReLU'd distances
+    ctrness = torch.round(torch.randn(2, anchors.shape[0], 1) * 4) / 4
+    head = NS(box_coder=det_utils.BoxLinearCoder(normalize_by_size=True))
+    model = NS(center_sampling_radius=1.5,
+               head=NS(compute_loss=lambda *a: FCOSHead.compute_loss(head, *a)))
+    outputs = {"cls_logits": logits, "bbox_regression": codes, "bbox_ctrness": ctrness}
+    counts = [len(a) for a in levels]
+    expected = tvd.FCOS.compute_loss(model, targets, outputs, [anchors] * 2, counts)
+    padded = _pad(targets)
+    loss = jax.jit(lambda *a: fcos_loss(*a, counts, decode=linear_decode))
+    got = loss(logits.numpy(), codes.numpy(), ctrness.numpy(), anchors.numpy(),
+               padded["boxes"], padded["labels"], padded["instance_valid"])
+    for k, v in expected.items():
+        torch_ref.assert_close(got[k], v.item(), what=f"fcos {k}")
+        assert v.item() > 0, k  # foreground anchors, some between the equal-area boxes
