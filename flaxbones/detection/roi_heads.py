@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxbones.detection import instance_targets as it
 from flaxbones.detection import targets as tg
 from flaxbones.detection.boxes import BoxCoder, box_iou, clip_boxes, small_boxes_mask
 from flaxbones.detection.keypoints import heatmaps_to_keypoints
@@ -72,7 +73,8 @@ class RoIHeads(nn.Module):
 
     RoIAlign reads the FPN levels given to `__call__` (not the extra pooled level) with
     their strides, sampling_ratio 2, aligned=False, torchvision's level mapping. Sows
-    `class_logits`, `box_regression`, `mask_logits` and `keypoint_logits`.
+    `class_logits`, `box_regression`, `mask_logits` and `keypoint_logits` (in training also
+    `sampled_rois`, `sampled_positive` and `sampled`).
 
     `train=True` with `targets` (the detector's batched dict) returns torchvision's losses:
     `loss_classifier`, `loss_box_reg` on min(batch_size_per_image, P + G) RoIs per image
@@ -145,6 +147,9 @@ class RoIHeads(nn.Module):
         rois, labels, matched, positive, sampled = jax.vmap(sample)(
             keys, jax.lax.stop_gradient(proposals), proposal_valid, gt_boxes,
             targets["labels"], targets["instance_valid"])
+        self.sow("intermediates", "sampled_rois", rois)
+        self.sow("intermediates", "sampled_positive", positive)
+        self.sow("intermediates", "sampled", sampled)
         x = self.box_head(pool(self.box_pool_size, rois), train=True)
         class_logits, box_regression = self.box_predictor(x)
         self.sow("intermediates", "class_logits", class_logits)
@@ -156,7 +161,6 @@ class RoIHeads(nn.Module):
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
         if self.mask_head is None and self.keypoint_head is None:
             return losses
-        from flaxbones.detection import instance_targets as it
         slots = min(int(self.batch_size_per_image * self.positive_fraction), rois.shape[1])
         rois, labels, matched, positive = (a[:, :slots] for a in (rois, labels, matched,
                                                                    positive))
