@@ -337,7 +337,7 @@ def test_bad_inputs_are_named():
         jax.eval_shape(model.init, rng, x, jnp.zeros((3, 2), jnp.int32))
     with pytest.raises(ValueError, match="do not fit"):
         model.init(rng, x, jnp.asarray([[64, 64], [65, 10]], jnp.int32))
-    with pytest.raises(NotImplementedError, match="issue 15"):
+    with pytest.raises(ValueError, match="train=True needs targets"):
         jax.eval_shape(lambda: model.init(rng, x, train=True))
 
 
