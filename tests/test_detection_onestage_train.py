@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch_ref
 import torchvision.models.detection as tvd
+from flax import traverse_util
 from torchvision.ops import box_iou as torchvision_box_iou
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -100,16 +101,19 @@ def _torch_losses(tv, imgs, targets, conv, dtype=torch.float32):
     return {k: v.item() for k, v in losses.items()}, grad.double().numpy()
 
 
-def _flax_losses(model, variables, images, sizes, targets):
-    """(losses, gradient of the summed losses w.r.t. the params) under jit, train mode."""
+def _flax_losses(model, variables, images, sizes, targets, kernel: str):
+    """(losses, gradient of the summed losses w.r.t. the param at path `kernel`) under jit, in
+    train mode; only that gradient is asked for, so XLA drops the other weight gradients."""
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
     rest = {k: v for k, v in variables.items() if k != "params"}
 
-    def total(params, targets):
+    def total(weight, flat, targets):
+        params = traverse_util.unflatten_dict({**flat, kernel: weight}, sep="/")
         losses, _ = model.apply({"params": params, **rest}, images, sizes, train=True,
                                 targets=targets, mutable=["batch_stats"])
         return sum(losses.values()), losses
 
-    grad, losses = jax.jit(jax.grad(total, has_aux=True))(variables["params"], targets)
+    grad, losses = jax.jit(jax.grad(total, has_aux=True))(flat[kernel], flat, targets)
     return jax.device_get(losses), grad
 
 
@@ -129,9 +133,7 @@ def case(request, tmp_path_factory):
     sizes = np.asarray(batch.image_sizes, np.int32)
     # lax's convolutions: the CPU rewrites (parity-tested on their own) compile ~2x slower
     model = fb.create_model(name, num_classes=5, cpu_kernels=False)
-    losses, grad = _flax_losses(model, variables, images, sizes, _pad(moved))
-    for key in flax_kernel.split("/"):
-        grad = grad[key]
+    losses, grad = _flax_losses(model, variables, images, sizes, _pad(moved), flax_kernel)
     return {"name": name, "expected": expected, "losses": losses, "torch_grad": torch_grad,
                 "truth": truth, "grad": np.asarray(grad),
                 "model": model, "variables": variables, "images": images, "sizes": sizes,
@@ -183,27 +185,31 @@ def _good(g=2):
 
 
 def test_targets_checked(small):
+    """The detectors check their targets with `check_targets` before any math."""
+    from flaxbones.detection.onestage_losses import check_targets
+
     assert sorted(small(_good())) == ["bbox_regression", "classification"]
     assert small(_good(0))["classification"].shape == ()  # no ground truth slot at all
     with pytest.raises(ValueError, match="pass targets"):
         small(None)
-    with pytest.raises(ValueError, match="instance_valid"):
-        small({k: v for k, v in _good().items() if k != "instance_valid"})
-    with pytest.raises(ValueError, match=r"\(N=2, G, 4\)"):
-        small({**_good(), "boxes": np.zeros((2, 2, 5), np.float32)})
-    with pytest.raises(ValueError, match="labels"):
-        small({**_good(), "labels": np.ones((2, 3), np.int32)})
-    with pytest.raises(ValueError, match="integers"):
-        small({**_good(), "labels": np.ones((2, 2), np.float32)})
-    with pytest.raises(TypeError, match="dict"):
-        small([_good()])
     flat = _good()
     flat["boxes"][1, 1, 2] = 4.0
     with pytest.raises(ValueError, match="image 1 box 1"):
         small(flat)
     small({**flat, "instance_valid": np.array([[True, True], [True, False]])})  # padding: fine
+    check = lambda t: check_targets(t, 2, 3)
+    with pytest.raises(ValueError, match="instance_valid"):
+        check({k: v for k, v in _good().items() if k != "instance_valid"})
+    with pytest.raises(ValueError, match=r"\(N=2, G, 4\)"):
+        check({**_good(), "boxes": np.zeros((2, 2, 5), np.float32)})
+    with pytest.raises(ValueError, match="labels"):
+        check({**_good(), "labels": np.ones((2, 3), np.int32)})
+    with pytest.raises(ValueError, match="integers"):
+        check({**_good(), "labels": np.ones((2, 2), np.float32)})
+    with pytest.raises(TypeError, match="dict"):
+        check([_good()])
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        small({**_good(), "labels": np.full((2, 2), 3, np.int32)})
+        check({**_good(), "labels": np.full((2, 2), 3, np.int32)})
 
 
 # --- the loss math alone against torchvision's compute_loss: ties, crowded and empty images ---

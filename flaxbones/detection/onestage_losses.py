@@ -12,9 +12,9 @@ from flaxbones.detection.targets import BETWEEN_THRESHOLDS, match, ssd_match
 
 def check_targets(targets, batch: int, num_classes: int):
     """(boxes (N, G, 4) float32, labels (N, G) int32, instance_valid (N, G) bool) from the
-    padded `targets` dict; a ValueError names a missing key, a wrong shape or dtype, and (when
-    concrete) a valid box without positive width and height or a label outside
-    [0, num_classes). Extra keys (masks, keypoints) are ignored. G = 0 becomes one padded row."""
+    padded `targets` dict (else a TypeError); a ValueError names a missing key, a wrong shape
+    or dtype, and (when concrete) a valid box without positive width and height or a label
+    outside [0, num_classes). Extra keys (masks, keypoints) are ignored. G = 0 becomes one padded row."""
     if not isinstance(targets, dict):
         raise TypeError(f"targets must be a dict with 'boxes', 'labels', 'instance_valid'; got "
                         f"{type(targets).__name__}")
@@ -166,7 +166,10 @@ def fcos_loss(logits, codes, ctrness, anchors, boxes, labels, valid, level_count
               radius: float = 1.5, decode=None) -> dict:
     """torchvision's FCOS loss dict: focal loss over every anchor, GIoU of the decoded boxes and
     centerness BCE over the foreground, all / max(1, foreground of the batch). `decode(codes,
-    anchors)` is the detector's BoxLinearCoder decoding."""
+    anchors)` is the detector's decoding (None: torchvision's BoxLinearCoder)."""
+    if decode is None:
+        from flaxbones.detection.fcos import linear_decode as decode
+
     def image(logits, codes, ctrness, boxes, labels, valid):
         matched = fcos_match(anchors, boxes, valid, level_counts, radius)
         fg, gt, gt_labels = _matched(matched, boxes, labels, anchors)
