@@ -118,7 +118,7 @@ def test_bad_inputs():
         jax.eval_shape(model.init, jax.random.PRNGKey(0), images, jnp.array([[64, 64]]))
     with pytest.raises(ValueError, match="do not fit"):
         model.init(jax.random.PRNGKey(0), images, np.array([[64, 64], [65, 64]]))
-    with pytest.raises(NotImplementedError, match="issue 15"):
+    with pytest.raises(ValueError, match="targets"):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=True))
 
 
