@@ -79,7 +79,9 @@ class RoIHeads(nn.Module):
     `train=True` with `targets` (the detector's batched dict) returns torchvision's losses:
     `loss_classifier`, `loss_box_reg` on min(batch_size_per_image, P + G) RoIs per image
     (sampled with rng 'sampling'), `loss_mask` / `loss_keypoint` on the first
-    int(batch_size_per_image * positive_fraction) of them (where the positives are).
+    int(batch_size_per_image * positive_fraction) of them (where the positives are). Heads
+    with BatchNorm (v2) take train-mode statistics over every slot, unsampled ones included
+    (torchvision's: the sampled RoIs only); equal when every slot is sampled.
     """
 
     box_head: nn.Module
