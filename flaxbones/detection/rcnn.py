@@ -158,10 +158,12 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
                box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
                detections_per_img: int = 100, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
                mask: str | None = None, num_keypoints: int | None = None,
+               mask_channels: int = 256, keypoint_channels: int = 512,
                **backbone_kwargs) -> RCNN:
     """An RCNN from parts. `box_head` 'mlp' (v1 TwoMLPHead) or 'conv' (v2: 4 conv-BN, 1 fc);
     `mask` None, 'plain' (v1 MaskRCNNHeads) or 'bn' (v2); `num_keypoints` adds the keypoint
-    branch. The heads share the backbone's dtypes and kernel choice; their BatchNorms
+    branch; `mask_channels` / `keypoint_channels` are their conv widths (torchvision's 256 /
+    512). The heads share the backbone's dtypes and kernel choice; their BatchNorms
     (v2) are ordinary, as torchvision's. The `*_train`, `*_iou_thresh`, `*_batch_size_per_image`
     and `*_positive_fraction` keywords are torchvision's training settings."""
     check_num_classes(num_classes)
@@ -184,10 +186,10 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
             ConvFCHead((fpn_channels,) * 4, (representation_size,), **common))
     heads = dict(box_head=head, box_predictor=FastRCNNPredictor(num_classes, **common))
     if mask:
-        heads.update(mask_head=ConvHead((256,) * 4, norm=mask == "bn", **common),
+        heads.update(mask_head=ConvHead((mask_channels,) * 4, norm=mask == "bn", **common),
                      mask_predictor=MaskRCNNPredictor(num_classes, **common))
     if num_keypoints:
-        heads.update(keypoint_head=ConvHead((512,) * 8, **common),
+        heads.update(keypoint_head=ConvHead((keypoint_channels,) * 8, **common),
                      keypoint_predictor=KeypointRCNNPredictor(num_keypoints, **common))
     roi_heads = RoIHeads(**heads, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
                          detections_per_img=detections_per_img,
