@@ -178,9 +178,8 @@ def save_detections(path, images, truths, preds, class_names=None, score_thresh=
                 rgb = colour(int(label)) / 255
                 ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1],
                                            fill=False, edgecolor=rgb, linewidth=1.2))
-                name = class_names[label] if class_names and label < len(class_names) else label
-                text = f"{name} {found['scores'][i]:.2f}" if "scores" in found else f"{name}"
-                ax.text(box[0], box[1], text, fontsize=6, color="white", va="bottom",
+                ax.text(box[0], box[1], _tag(found, i, class_names), fontsize=6,
+                        color=_ink(rgb), va="bottom",
                         bbox=dict(facecolor=rgb, edgecolor="none", pad=0.5, alpha=0.9))
             ax.set_xticks([])
             ax.set_yticks([])
@@ -197,3 +196,55 @@ def _paint_masks(image, found, alpha=0.55):
         inside = np.asarray(mask)[:out.shape[0], :out.shape[1]] > 0.5
         out[inside] = (1 - alpha) * out[inside] + alpha * colour(int(label))
     return out.astype(np.uint8)
+
+
+def save_detection_image(path, image, found, class_names=None, min_side=480, dpi=100):
+    """`image` (H, W, 3) uint8 full-bleed in its own frame with its detections `found`
+    (boxes, labels, optional scores and masks, as save_detections takes them): masks blended
+    and outlined, boxes and 'name score' tags in the class colour. The PNG is the image's
+    size times `magnification` (an integer: small images grow until the tags are legible)."""
+    if "scores" in found:  # the best drawn last, on top
+        order = np.argsort(found["scores"], kind="stable")
+        found = {k: np.asarray(v)[order] for k, v in found.items()}
+    h, w = np.shape(image)[:2]
+    s = magnification(h, w, min_side)
+    fig = plt.figure(figsize=(w * s / dpi, h * s / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    painted = _paint_masks(np.asarray(image), found, alpha=0.45)
+    ax.imshow(painted.repeat(s, 0).repeat(s, 1), extent=(0, w, h, 0), interpolation="nearest")
+    side = max(h, w) * s  # pixels
+    points = float(np.clip(side / 60, 7, 16))
+    width = float(np.clip(side / 300, 1.2, 3.5))
+    for i, (box, label) in enumerate(zip(found["boxes"], found["labels"])):
+        rgb = colour(int(label)) / 255
+        if "masks" in found and np.ptp(found["masks"][i]) > 0:
+            ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, np.asarray(found["masks"][i]),
+                       levels=[0.5], colors=[rgb], linewidths=width * 0.6)
+        ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False,
+                                   edgecolor=rgb, linewidth=width))
+        above = box[1] * s > points * dpi / 72 * 1.6  # room for the tag over the box
+        ax.text(box[0], box[1], _tag(found, i, class_names), fontsize=points, color=_ink(rgb),
+                va="bottom" if above else "top", clip_on=True,
+                bbox={"facecolor": rgb, "edgecolor": "none", "pad": 1.5, "alpha": 0.85})
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def magnification(h: int, w: int, min_side: int = 480) -> int:
+    """The integer zoom that brings an image's longer side to at least `min_side` pixels."""
+    return max(1, -(-min_side // max(h, w)))
+
+
+def _tag(found, i, class_names) -> str:
+    """'name score' (or 'name' for ground truth) of instance `i`."""
+    label = int(found["labels"][i])
+    name = class_names[label] if class_names and label < len(class_names) else f"class {label}"
+    return f"{name} {found['scores'][i]:.2f}" if "scores" in found else name
+
+
+def _ink(rgb) -> str:
+    """Black on light colours (yellow, cyan), white on dark ones."""
+    return "black" if np.dot(rgb, (0.299, 0.587, 0.114)) > 0.6 else "white"

@@ -1,5 +1,5 @@
 """Predict with a trained checkpoint: top-k classes (named when the dataset names them),
-or overlay PNGs of a segmentation.
+overlay PNGs of a segmentation, or a detector's instances printed and drawn.
 
     python experiments/predict.py --checkpoint=workdir/demo/checkpoints --output=preds \
         image1.png image2.jpg
@@ -11,7 +11,10 @@ single compiled function serves them all:
   image_size / 0.875 with antialiasing, then the central image_size crop;
 - a segmenter sees the image scaled (down or up, aspect kept) to fit the eval size and
   padded to it; its prediction is cropped back and resized (nearest) to the image's own
-  size, so masks and overlays match the original image.
+  size, so masks and overlays match the original image;
+- a detector sees its training transform (config.detection's min_size / max_size resize,
+  then zero padding into a size bucket: `fb.detection.preprocess`), so it compiles once per
+  bucket, not per image; its boxes and masks are mapped back to each image's own frame.
 """
 import dataclasses
 import os
@@ -32,6 +35,7 @@ import flaxbones as fb  # noqa: E402
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A train.py workdir's checkpoints/ directory.")
 _OUTPUT = flags.DEFINE_string("output", "predictions", "Where overlay PNGs are written.")
 _TOPK = flags.DEFINE_integer("topk", 5, "How many classes to print for a classifier.")
+_SCORE_THRESH = flags.DEFINE_float("score_thresh", 0.5, "The lowest score a detection is kept at.")
 
 CROP_FRACTION = 0.875
 
@@ -39,13 +43,17 @@ CROP_FRACTION = 0.875
 @dataclasses.dataclass
 class Prediction:
     """A classifier's `top` [(class name, or index when the dataset has no names,
-    probability)], or a segmenter's `mask` (H, W) class ids at the image's size and the
-    `overlay` PNG that shows it."""
+    probability)], a segmenter's `mask` (H, W) class ids at the image's size, or a
+    detector's `detections` [(class name or index, score, (x0, y0, x1, y1) pixels)] best
+    first and their `masks` (k, H, W) in [0, 1] (None without a mask head); `overlay` is
+    the PNG that shows a segmentation or the detections."""
 
     path: str
     top: list | None = None
     mask: np.ndarray | None = None
     overlay: pathlib.Path | None = None
+    detections: list | None = None
+    masks: np.ndarray | None = None
 
 
 def read_image(path) -> np.ndarray:
@@ -117,15 +125,63 @@ def class_names(config, num_classes: int):
     return list(names) if names and len(names) == num_classes else None
 
 
-def predict(checkpoint, paths, output, topk=5) -> list[Prediction]:
-    """Top-k classes (classifier) or masks and overlay PNGs in `output` (segmenter)."""
+def detection_class_names(config):
+    """'background' then the dataset's object names (the ids train.py's pipeline gives them),
+    or None when they do not number the model's classes."""
+    import tensorflow_datasets as tfds
+    try:
+        builder = tfds.builder(config["dataset"], data_dir=config.get("data_dir") or None)
+        names = getattr(builder.info.features["objects"]["label"], "names", None)
+    except (tfds.core.registered.DatasetNotFoundError, KeyError):
+        names = None
+    names = ["background", *names] if names else None
+    return names if names and len(names) == config["num_classes"] else None
+
+
+def detect(model, variables, config, paths, images, output, score_thresh) -> list[Prediction]:
+    """Each image's detections scoring >= `score_thresh`, and a PNG of them in `output`."""
+    import flaxbones.data as fbd
+    d = config["detection"]
+    min_size = d["min_size"][-1] if isinstance(d["min_size"], list) else d["min_size"]
+    mean, std = fbd.normalization(model=config["normalize_like"])
+    names = detection_class_names(config)
+
+    def detector(variables, batch, image_sizes):
+        return model.apply(variables, batch, image_sizes, train=False)
+    detector = jax.jit(detector)
+
+    pathlib.Path(output).mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, image in zip(paths, images):
+        batch, sizes, original = fb.detection.preprocess(
+            [image], min_size=min_size, max_size=d["max_size"], mean=mean, std=std)
+        found = fb.detection.postprocess(detector(variables, batch, sizes), sizes, original)[0]
+        keep = np.flatnonzero(found["scores"] >= score_thresh)
+        keep = keep[np.argsort(-found["scores"][keep], kind="stable")]
+        found = {k: v[keep] for k, v in found.items()}
+        target = pathlib.Path(output) / (pathlib.Path(path).stem + "_detections.png")
+        pictures.save_detection_image(target, image, found, names)
+        results.append(Prediction(
+            path, overlay=target, masks=found.get("masks"),
+            detections=[(names[k] if names else int(k), float(score),
+                         tuple(float(v) for v in box))
+                        for k, score, box in zip(found["labels"], found["scores"],
+                                                 found["boxes"])]))
+    return results
+
+
+def predict(checkpoint, paths, output, topk=5, score_thresh=0.5) -> list[Prediction]:
+    """Top-k classes (classifier), masks and overlay PNGs in `output` (segmenter), or
+    detections and their PNGs in `output` (detector)."""
     import flaxbones.data as fbd
     model, variables, config = load(checkpoint)
+    images = [read_image(p) for p in paths]  # decode all first: a bad file fails before any work
+    if config["task"] == "detection":
+        return detect(model, variables, config, paths, images, output, score_thresh)
     mean, std = (np.asarray(v, np.float32)
                  for v in fbd.normalization(model=config["normalize_like"]))
     names = class_names(config, config["num_classes"])
     segmenter = config["task"] == "segmentation"
-    images = [read_image(p) for p in paths]  # decode all first: a bad file fails before any work
 
     def forward(variables, images):
         out = model.apply(variables, images, train=False)["out"]
@@ -157,6 +213,16 @@ def predict(checkpoint, paths, output, topk=5) -> list[Prediction]:
     return results
 
 
+def describe_detections(p: Prediction, score_thresh: float) -> str:
+    """'path: k detections with score >= t, drawn in png' then one line per detection."""
+    count = f"{len(p.detections)} detection{'' if len(p.detections) == 1 else 's'}"
+    lines = [f"{p.path}: {count} with score >= {score_thresh:g}, drawn in {p.overlay}"]
+    for name, score, box in p.detections:
+        name = name if isinstance(name, str) else f"class {name}"
+        lines.append(f"  {name:<12} {score:.3f}  box ({', '.join(f'{v:.1f}' for v in box)})")
+    return "\n".join(lines)
+
+
 def main(argv):
     paths = argv[1:]
     if not paths:
@@ -164,8 +230,11 @@ def main(argv):
     if _CHECKPOINT.value is None:
         raise app.UsageError("--checkpoint is required")
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every file at INFO
-    for p in predict(_CHECKPOINT.value, paths, _OUTPUT.value, _TOPK.value):
-        if p.top is not None:
+    for p in predict(_CHECKPOINT.value, paths, _OUTPUT.value, _TOPK.value,
+                     _SCORE_THRESH.value):
+        if p.detections is not None:
+            print(describe_detections(p, _SCORE_THRESH.value))
+        elif p.top is not None:
             print(p.path + ": " + ", ".join(
                 f"{k if isinstance(k, str) else f'class {k}'} {prob:.3f}" for k, prob in p.top))
         else:

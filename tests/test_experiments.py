@@ -314,3 +314,48 @@ def test_show_backbones_prints_the_table_and_a_classifier_check():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| resnet18 | 11.18M | C1 /2 x64 (32x32)" in result.stdout
     assert "logits (2, 10), finite: True" in result.stdout
+
+
+def test_predict_detector_prints_and_draws_each_image_one_compile_per_bucket(
+        runs, predict, tmp_path, caplog, capsys):
+    """predict.py on a detection checkpoint: a line per image, then one per detection (name,
+    score, box in the image's own pixels) best first, and a PNG per image at (a whole multiple
+    of) its own size; two image sizes in one size bucket compile the detector once."""
+    from absl import flags
+    from PIL import Image
+
+    import flaxbones as fb
+    workdir, _ = runs("shapes_maskrcnn")
+    capsys.readouterr()  # the training run's printout, when this test ran it
+    paths = images_of_three_sizes(tmp_path)[::2]  # (40, 36) and (97, 131)
+    sizes = [(40, 36), (97, 131)]
+    buckets = {fb.detection.preprocess([np.zeros((*hw, 3), np.uint8)], min_size=64,
+                                       max_size=64)[0].shape for hw in sizes}
+    assert buckets == {(1, 64, 64, 3)}  # the at_test_size resize rule, 64 px
+    flags.FLAGS([  # main's own flags; score 0 keeps all the model keeps (over its 0.05)
+        "predict.py", f"--checkpoint={workdir / 'checkpoints'}", f"--output={tmp_path / 'out'}",
+        "--score_thresh=0"])
+    try:
+        with traces_of("detector", caplog) as traces:
+            predict.main(["predict.py", *paths])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert len(traces) == 1
+    out = capsys.readouterr().out
+    heading = re.compile(r"(\S+): (\d+) detections? with score >= 0, drawn in (\S+)")
+    detection = re.compile(r"  (circle|square|triangle) +(\d\.\d{3})  box \(([-\d., ]+)\)")
+    blocks = [b.splitlines() for b in re.split(r"\n(?=\S)", out.strip())]
+    assert [getattr(heading.fullmatch(b[0]), "group", str)(1) for b in blocks] == paths, out
+    pictures = load_module("pictures")
+    for (head, *lines), (h, w) in zip(blocks, sizes):
+        count, png = heading.fullmatch(head).group(2, 3)
+        assert 0 < int(count) == len(lines) <= 20, out  # the config's detections_per_img
+        scores = []
+        for line in lines:
+            _, score, box = detection.fullmatch(line).groups()
+            x0, y0, x1, y1 = map(float, box.split(", "))
+            assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h, line
+            scores.append(float(score))
+        assert scores == sorted(scores, reverse=True)
+        s = pictures.magnification(h, w)
+        assert s > 1 and Image.open(png).size == (w * s, h * s)
