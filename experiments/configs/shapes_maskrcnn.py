@@ -10,6 +10,7 @@ def get_config():
         task="detection", model="maskrcnn",
         model_kwargs=ml_collections.ConfigDict(dict(
             backbone="resnet18", frozen_bn=False, fpn_channels=64, representation_size=256,
+            mask_channels=64,
             anchor_sizes=((16,), (32,), (64,), (96,), (128,)),
             rpn_pre_nms_top_n=300, rpn_post_nms_top_n=100,
             rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
