@@ -4,7 +4,7 @@ Every head takes pooled RoI features (N, R, h, w, C) and keeps the leading (N, R
 before a dense layer is channel-major (the (C, h, w) order of torch's NCHW), so torchvision's
 dense weights convert with a plain transpose.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -30,13 +30,19 @@ def _per_roi(fn, x):
     return y.reshape(*x.shape[:2], *y.shape[1:])
 
 
+def _roi_mask(mask):
+    """(N, R) RoI validity -> (N*R, 1, 1, 1), BatchNorm's mask for the per-RoI batch."""
+    return None if mask is None else mask.reshape(-1, 1, 1, 1)
+
+
 class TwoMLPHead(ConvNormModule):
-    """v1 box head: flatten, `fc6` + ReLU, `fc7` + ReLU (representation_size 1024)."""
+    """v1 box head: flatten, `fc6` + ReLU, `fc7` + ReLU (representation_size 1024); `mask`
+    is taken for a common signature (no BatchNorm here)."""
 
     representation_size: int = 1024
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         x = _flatten_chw(x)
         x = nn.relu(_dense(self, self.representation_size, x.shape[-1], "fc6")(x))
         return nn.relu(_dense(self, self.representation_size, self.representation_size,
@@ -45,18 +51,20 @@ class TwoMLPHead(ConvNormModule):
 
 class ConvFCHead(ConvNormModule):
     """v2 box head (FastRCNNConvFCHead): 3x3 conv-BN-ReLU `conv{i}` per `conv_layers`, flatten,
-    dense + ReLU `fc{j}` per `fc_layers` (torchvision's v2: 4 x 256 convs, one 1024 dense)."""
+    dense + ReLU `fc{j}` per `fc_layers` (torchvision's v2: 4 x 256 convs, one 1024 dense).
+    `mask` (N, R): the RoIs BatchNorm's train-mode statistics cover (all when None)."""
 
     conv_layers: Sequence[int] = (256, 256, 256, 256)
     fc_layers: Sequence[int] = (1024,)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         conv, norm, unit = self.conv_def(), self.norm_def(train), self.block_def(ConvNormAct)
+        roi_mask = _roi_mask(mask)
 
         def convs(y):
             for i, c in enumerate(self.conv_layers):
-                y = unit(c, 3, conv=conv, norm=norm, name=f"conv{i}")(y)
+                y = unit(c, 3, conv=conv, norm=norm, name=f"conv{i}")(y, mask=roi_mask)
             return y
 
         x = _flatten_chw(_per_roi(convs, x))
@@ -79,21 +87,24 @@ class FastRCNNPredictor(ConvNormModule):
 
 class ConvHead(ConvNormModule):
     """Mask head (MaskRCNNHeads: 4 x 256, BN in v2) or keypoint head (8 x 512, no BN):
-    3x3 conv (+BN) + ReLU `conv{i}`; convs have biases exactly when there is no BN."""
+    3x3 conv (+BN) + ReLU `conv{i}`; convs have biases exactly when there is no BN.
+    `mask` (N, R): the RoIs BatchNorm's train-mode statistics cover (all when None)."""
 
     layers: Sequence[int] = (256, 256, 256, 256)
     norm: bool = False
     dilation: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         conv = self.conv_def(use_bias=not self.norm)
         norm = self.norm_def(train) if self.norm else None
         unit = self.block_def(ConvNormAct)
+        roi_mask = _roi_mask(mask) if self.norm else None
 
         def convs(y):
             for i, c in enumerate(self.layers):
-                y = unit(c, 3, dilation=self.dilation, conv=conv, norm=norm, name=f"conv{i}")(y)
+                y = unit(c, 3, dilation=self.dilation, conv=conv, norm=norm,
+                         name=f"conv{i}")(y, mask=roi_mask)
             return y
 
         return _per_roi(convs, x)

@@ -80,8 +80,9 @@ class RoIHeads(nn.Module):
     `loss_classifier`, `loss_box_reg` on min(batch_size_per_image, P + G) RoIs per image
     (sampled with rng 'sampling'), `loss_mask` / `loss_keypoint` on the first
     int(batch_size_per_image * positive_fraction) of them (where the positives are). Heads
-    with BatchNorm (v2) take train-mode statistics over every slot, unsampled ones included
-    (torchvision's: the sampled RoIs only); equal when every slot is sampled.
+    with BatchNorm (v2) take train-mode statistics over the sampled RoIs only (the box head)
+    and the positive ones only (the mask head), as torchvision's, whose tensors hold only
+    those: each head gets its slots' validity as `mask`.
     """
 
     box_head: nn.Module
@@ -152,7 +153,7 @@ class RoIHeads(nn.Module):
         self.sow("intermediates", "sampled_rois", rois)
         self.sow("intermediates", "sampled_positive", positive)
         self.sow("intermediates", "sampled", sampled)
-        x = self.box_head(pool(self.box_pool_size, rois), train=True)
+        x = self.box_head(pool(self.box_pool_size, rois), train=True, mask=sampled)
         class_logits, box_regression = self.box_predictor(x)
         self.sow("intermediates", "class_logits", class_logits)
         self.sow("intermediates", "box_regression", box_regression)
@@ -168,7 +169,7 @@ class RoIHeads(nn.Module):
                                                                    positive))
         if self.mask_head is not None:
             logits = self.mask_predictor(self.mask_head(pool(self.mask_pool_size, rois),
-                                                        train=True))
+                                                        train=True, mask=positive))
             self.sow("intermediates", "mask_logits", logits)
             size = logits.shape[2]
             mask_targets = jax.vmap(lambda m, b, i: it.project_masks(m, b, i, size))(
@@ -176,7 +177,7 @@ class RoIHeads(nn.Module):
             losses["loss_mask"] = it.mask_loss(logits, labels, mask_targets, positive)
         if self.keypoint_head is not None:
             logits = self.keypoint_predictor(self.keypoint_head(
-                pool(self.keypoint_pool_size, rois), train=True))
+                pool(self.keypoint_pool_size, rois), train=True, mask=positive))
             self.sow("intermediates", "keypoint_logits", logits)
             size = logits.shape[2]
             points = jnp.take_along_axis(targets["keypoints"].astype(jnp.float32),

@@ -1,6 +1,7 @@
 """Conv -> norm -> act, the block every family is built from."""
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from flax import linen as nn
 
@@ -17,6 +18,8 @@ class ConvNormAct(nn.Module):
     `conv` and `norm` are injected constructors (e.g. a `partial(Conv, dtype=...)`
     and a `partial(BatchNorm, use_running_average=not train)`), so the same block
     serves every family and weight source; padding follows `padding` ('torch' or 'same').
+    `mask` (given only with a norm that takes one, as `BatchNorm`) limits the norm's batch
+    statistics to its True entries.
     """
 
     features: int
@@ -30,7 +33,7 @@ class ConvNormAct(nn.Module):
     act: Callable | None = nn.relu
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         k = self.kernel_size
         x = self.conv(
             self.features, (k, k), strides=(self.stride, self.stride),
@@ -38,7 +41,8 @@ class ConvNormAct(nn.Module):
             kernel_dilation=(self.dilation, self.dilation),
             feature_group_count=self.groups, name="conv")(x)
         if self.norm is not None:
-            x = self.norm(name="bn")(x)
+            norm = self.norm(name="bn")
+            x = norm(x) if mask is None else norm(x, mask=mask)
         if self.act is not None:
             x = self.act(x)
         return x

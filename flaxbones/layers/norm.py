@@ -15,6 +15,10 @@ class BatchNorm(nn.Module):
     Statistics are computed in float32 whatever the compute dtype. `momentum` is
     Flax's (the weight of the old value): PyTorch's 0.1 is 0.9 here.
     Variables: params `scale`, `bias`; batch_stats `mean`, `var` (as Flax names them).
+    `mask` (as Flax's: broadcastable to `x`) restricts the batch statistics, and so the
+    running-statistics update, to its True entries (R-CNN heads: the sampled RoIs only, as
+    torch's tensors hold only those); summed, not averaged, over `axis_name`. A channel with
+    no True entry keeps its running statistics, as torch's BatchNorm on an empty batch does.
     `frozen=True` is torchvision's FrozenBatchNorm2d (detection backbones): running statistics
     always, and no gradient reaches `scale` or `bias`.
     """
@@ -30,7 +34,7 @@ class BatchNorm(nn.Module):
     frozen: bool = False
 
     @nn.compact
-    def __call__(self, x, use_running_average: bool | None = None):
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         use_running_average = self.frozen or nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         features = x.shape[-1]
@@ -46,11 +50,13 @@ class BatchNorm(nn.Module):
         if use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
-            mean, var, count = _batch_moments(x, self.axis_name)
+            mean, var, count = _batch_moments(x, self.axis_name, mask)
             if not self.is_initializing():
                 unbiased = var * (count / jnp.maximum(count - 1, 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+                new_mean = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                new_var = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+                ra_mean.value = jnp.where(count > 0, new_mean, ra_mean.value)
+                ra_var.value = jnp.where(count > 0, new_var, ra_var.value)
 
         mul = jax.lax.rsqrt(var + self.epsilon)
         if scale is not None:
@@ -62,10 +68,13 @@ class BatchNorm(nn.Module):
         return x.astype(dtype) * mul.astype(dtype) + shift.astype(dtype)
 
 
-def _batch_moments(x, axis_name):
-    """Mean and biased variance over all but the last axis (two-pass), and the count."""
+def _batch_moments(x, axis_name, mask=None):
+    """Mean and biased variance over all but the last axis (two-pass), and the count; with
+    `mask`, over its True entries (zero mean and variance where there are none)."""
     axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
+    if mask is not None:
+        return _masked_moments(x32, jnp.broadcast_to(mask, x.shape), axes, axis_name)
     count = jnp.asarray(x[..., 0].size, jnp.float32)
     mean = jnp.mean(x32, axes)
     if axis_name is not None:
@@ -74,4 +83,14 @@ def _batch_moments(x, axis_name):
     var = jnp.mean(jnp.square(x32 - mean), axes)
     if axis_name is not None:
         var = jax.lax.pmean(var, axis_name)
+    return mean, var, count
+
+
+def _masked_moments(x32, mask, axes, axis_name):
+    """`_batch_moments` over the True entries of `mask` (x's shape), per channel."""
+    psum = (lambda v: jax.lax.psum(v, axis_name)) if axis_name is not None else (lambda v: v)
+    count = psum(jnp.sum(mask, axes, dtype=jnp.float32))
+    denom = jnp.maximum(count, 1)
+    mean = psum(jnp.sum(jnp.where(mask, x32, 0), axes)) / denom
+    var = psum(jnp.sum(jnp.where(mask, jnp.square(x32 - mean), 0), axes)) / denom
     return mean, var, count
