@@ -15,14 +15,13 @@ clipped to the image, degenerate ones kept): dropping crowd and empty boxes for 
 is the pipeline's choice, as torchvision's ConvertCocoPolysToMask. Training splits skip
 images without usable annotations as torchvision's references do.
 """
-import contextlib
-import io
-import json
 import os
 
 import jax
 import numpy as np
 import tensorflow as tf
+
+from flaxbones.detection.coco_eval import load_annotations
 
 KINDS = ("instances", "person_keypoints")
 NUM_KEYPOINTS = 17
@@ -34,31 +33,6 @@ def annotation_path(root: str, split: str, kind: str = "instances") -> str:
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: choose from {KINDS}")
     return os.path.join(os.fspath(root), "annotations", f"{kind}_{split}.json")
-
-
-def load_annotations(path: str):
-    """A pycocotools COCO object of the json at `path`; errors name the path."""
-    from pycocotools.coco import COCO
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            dataset = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"COCO annotation file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid json: {e}") from None
-    missing = [k for k in ("images", "annotations", "categories")
-               if not isinstance(dataset, dict) or k not in dataset]
-    if missing:
-        raise ValueError(f"{path} is not a COCO annotation file: no {missing}")
-    coco = COCO()
-    coco.dataset = dataset
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} has a malformed image or annotation entry: {e!r}") from None
-    return coco
 
 
 def has_valid_annotation(anns: list[dict]) -> bool:

@@ -174,19 +174,38 @@ def _split_batch(detections, image_ids, valid, original_sizes):
     return [(int(i), d) for i, d, v in zip(ids, per_image, valid) if v]
 
 
+def load_annotations(path: str):
+    """A pycocotools COCO object of the json at `path`; errors name the path."""
+    from pycocotools.coco import COCO
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"COCO annotation file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid json: {e}") from None
+    missing = [k for k in ("images", "annotations", "categories")
+               if not isinstance(dataset, dict) or k not in dataset]
+    if missing:
+        raise ValueError(f"{path} is not a COCO annotation file: no {missing}")
+    coco = COCO()
+    coco.dataset = dataset
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} has a malformed image or annotation entry: {e!r}") from None
+    return coco
+
+
 def _load_ground_truth(ground_truth):
+    """A pycocotools COCO object from a COCO object, an annotation json path or a dict."""
     from pycocotools.coco import COCO
     if isinstance(ground_truth, COCO):
         return ground_truth
     if isinstance(ground_truth, (str, os.PathLike)):
-        path = os.fspath(ground_truth)
-        try:
-            with open(path, encoding="utf-8") as f:
-                ground_truth = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"COCO annotation file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid json: {e}") from None
+        return load_annotations(ground_truth)
     coco = COCO()
     coco.dataset = ground_truth
     with contextlib.redirect_stdout(io.StringIO()):
