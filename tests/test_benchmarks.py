@@ -27,3 +27,14 @@ def test_detection_prints_a_torchvision_vs_flaxbones_row(capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "64x96"
     assert all(float(c) > 0 for c in cells[2:8])
+
+
+def test_detection_train_prints_a_torchvision_vs_flaxbones_row(capsys):
+    from benchmarks import detection_train
+    detection_train.main(["--models", "retinanet_resnet50_fpn", "--images", "1", "--size", "64",
+                          "--repeats", "1"])
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| retinanet_resnet50_fpn"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "64x96"
+    assert all(float(c) > 0 for c in cells[2:6])
