@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from benchmarks.detection import _images
+from benchmarks.detection import _images, _timed
 
 MODELS = ("maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn")
 
@@ -179,15 +179,6 @@ def measure(name, count, size, repeats, instances=3, precision="fp32", proposals
     hp, wp = batch["image"].shape[1:3]
     return {"name": name, "size": f"{hp}x{wp}", "torch": count / t_torch,
             "flax": count / t_flax, "first_s": first_s}
-
-
-def _timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main(argv=None):
