@@ -347,16 +347,18 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("detector", ["fasterrcnn", "maskrcnn"])
 def test_generic_builders_on_any_backbone(detector, backbone):
     """Build, init and apply under jit at 64 px: fixed shapes, valid first, finite. Mask
-    R-CNN runs Faster R-CNN's whole path too, so Faster R-CNN is compiled and run on
-    ResNet-18 and traced (shapes) on the others, to keep the suite's compile time down."""
+    R-CNN runs Faster R-CNN's whole path too: it is compiled and run on ResNet-18 and
+    MobileNetV3; every other pair is traced (shapes), to keep the suite's compile time down."""
     model = fb.create_model(detector, backbone=backbone, num_classes=3, detections_per_img=10,
                             rpn_post_nms_top_n=64)
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3))
     sizes = jnp.asarray([[64, 64], [50, 61]], jnp.int32)
-    if detector == "fasterrcnn" and backbone != "resnet18":
+    if detector == "fasterrcnn" or backbone not in ("resnet18", "mobilenet_v3_large"):
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, sizes)
         out = jax.eval_shape(model.apply, shapes, x, sizes)
         assert out["boxes"].shape == (2, 10, 4) and out["labels"].dtype == jnp.int32
+        if detector == "maskrcnn":
+            assert out["masks"].shape == (2, 10, 28, 28)
         return
     key = jax.random.key(0, impl="unsafe_rbg")  # a cheaper init program to compile
     variables = jax.jit(model.init)(key, x, sizes)
