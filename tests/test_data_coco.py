@@ -173,3 +173,31 @@ def test_errors(layout, tmp_path):
     ds = fbcoco.coco_dataset(tmp_path, "x", train=False)
     with pytest.raises(tf.errors.InvalidArgumentError, match="(?s)image size differs.*small"):
         next(iter(ds))
+
+
+def test_stored_once_then_read_by_name_like_any_tfds_dataset(layout, tmp_path):
+    """store_coco writes coco_instances into data_dir; detection_pipeline then finds it by
+    name (as an experiment config does), labels staying the category ids."""
+    from flaxbones import data as fbd
+    root, _, coco = layout
+    builder = fbcoco.store_coco(root, str(tmp_path), splits={"train": SPLIT})
+    assert builder.info.full_name.startswith("coco_instances/")
+    names = builder.info.features["objects"]["label"].names
+    assert names[0] == "background" and all(
+        names[c["id"]] == c["name"] for c in coco.dataset["categories"])
+    pipe = fbd.detection_pipeline("coco_instances", batch_size=len(SIZES), train=False,
+                                  data_dir=str(tmp_path), label_offset=0, mean=(0.5,) * 3,
+                                  std=(0.25,) * 3, min_size=64, max_size=64, pad_size=64)
+    batch = next(iter(pipe))
+    ids = np.asarray(batch["image_id"])[np.asarray(batch["valid"]) > 0]
+    assert sorted(ids) == sorted(fbcoco.image_ids(coco, True))  # a train split: annotated
+    for row, image_id in enumerate(np.asarray(batch["image_id"])):
+        if image_id < 0:
+            continue
+        want = sorted(a["category_id"] for a in coco.imgToAnns[int(image_id)]
+                      if not a.get("iscrowd") and min(a["bbox"][2:]) > 0)
+        got = np.asarray(batch["labels"][row])[np.asarray(batch["instance_valid"][row])]
+        assert sorted(got.tolist()) == want
+    assert "masks" in batch
+    again = fbcoco.store_coco(root, str(tmp_path), splits={"train": SPLIT})
+    assert again.info.splits["train"].num_examples == len(ids)

@@ -147,3 +147,50 @@ def categories(root: str, split: str, kind: str = "instances") -> dict[int, str]
     """Category id -> name of a split's annotation file."""
     coco = load_annotations(annotation_path(root, split, kind))
     return {int(c["id"]): c["name"] for c in coco.dataset["categories"]}
+
+
+SPLITS = {"train": "train2017", "validation": "val2017"}
+
+
+def store_coco(root: str, data_dir: str, *, kind: str = "instances", with_masks: bool = True,
+               splits: dict | None = None):
+    """The official layout under `root` written once as the TFDS dataset `coco_{kind}`
+    (splits 'train' and 'validation' from train2017 / val2017, or `splits`) in `data_dir`,
+    so `detection_pipeline("coco_instances", data_dir=...)` and experiment configs read it
+    like any prepared dataset: host splits, shuffling and exact resume included. Labels are
+    the category ids (label_offset=0). A second call finds it there and returns at once."""
+    from flaxbones.data.detection import store_detection_dataset
+
+    splits = splits or SPLITS
+    names = categories(root, next(iter(splits.values())), kind)
+    label_names = [names.get(i, "background" if i == 0 else f"unused_{i}")
+                   for i in range(max(names) + 1)]
+    with_keypoints = kind == "person_keypoints"
+    datasets = {name: coco_dataset(root, split, kind=kind, with_masks=with_masks,
+                                   with_keypoints=with_keypoints, shard_index=0, shard_count=1,
+                                   train=name == "train")
+                for name, split in splits.items()}
+    return store_detection_dataset(f"coco_{kind}", datasets, data_dir, masks=with_masks,
+                                   keypoints=NUM_KEYPOINTS if with_keypoints else None,
+                                   label_names=label_names)
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxbones.data.coco",
+        description="Store an official COCO layout (root/annotations, root/train2017, "
+                    "root/val2017) as the TFDS dataset coco_<kind> in data_dir, once.")
+    parser.add_argument("root")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--kind", default="instances", choices=KINDS)
+    parser.add_argument("--no_masks", action="store_true", help="boxes only (smaller)")
+    args = parser.parse_args(argv)
+    builder = store_coco(args.root, os.path.expanduser(args.data_dir), kind=args.kind,
+                         with_masks=not args.no_masks)
+    print(f"{builder.info.full_name} in {builder.data_dir}: "
+          + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+
+
+if __name__ == "__main__":
+    main()
