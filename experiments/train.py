@@ -73,8 +73,9 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
         d = config.detection
         return fbd.detection_pipeline(
             config.dataset, min_size=d.min_size, max_size=d.max_size,
-            pad_size=pair(d.pad_size, "config.detection.pad_size"),
-            max_instances=d.max_instances, **common)
+            pad_size=None if d.pad_size is None else pair(d.pad_size, "config.detection.pad_size"),
+            max_instances=d.max_instances, label_offset=d.label_offset,
+            label_map=label_map(config), **common)
     if config.task == "segmentation":
         size = (dict(crop_size=pair(config.crop_size, "config.crop_size")) if train
                 else dict(eval_size=pair(config.eval_size, "config.eval_size")))
@@ -87,14 +88,36 @@ def build_data(config, mesh, train: bool, start_batch: int = 0):
     return fbd.classification_pipeline(config.dataset, image_size=side, **common)
 
 
+def label_map(config):
+    """config.detection.label_map as detection_pipeline's table (None: label_offset)."""
+    name = config.detection.label_map
+    if name and name != "coco":
+        raise ValueError(f"config.detection.label_map must be '' or 'coco', got {name!r}")
+    return fbd.COCO_CATEGORY_IDS if name else None
+
+
+def detection_names(config):
+    """Class id -> name for the pictures from the dataset's label names, or None."""
+    builder = fbd.load_builder(config.dataset, config.data_dir or None)
+    names = list(getattr(builder.info.features["objects"]["label"], "names", None) or [])
+    if not names:
+        return None
+    table = label_map(config) or [i + config.detection.label_offset for i in range(len(names))]
+    out = ["background", *(f"class_{i}" for i in range(1, max(table) + 1))]
+    for name, class_id in zip(names, table):
+        out[class_id] = name if class_id else "background"
+    return out
+
+
 def add(total, sums):
     return sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
 
 
 def input_shape(config):
     """The sample batch shape the train state is created with."""
-    if config.task == "detection":
-        return (1, *pair(config.detection.pad_size, "config.detection.pad_size"), 3)
+    if config.task == "detection":  # detector variables do not depend on the image size
+        pad = config.detection.pad_size
+        return (1, *(pair(pad, "config.detection.pad_size") if pad is not None else (64, 64)), 3)
     return (1, *pair(config.crop_size if config.task == "segmentation" else config.image_size), 3)
 
 
@@ -160,21 +183,34 @@ def initial_state(config, model, policy, tx, mesh, input_shape, ckpt):
         return restored.state, restored.data
     state = create()
     if config.init_from:
-        state = warm_start(state, config.init_from, config.init_from_model)
+        state = warm_start(state, config)
     return state, 0
 
 
-def warm_start(state, source, source_model):
-    """The backbone from a flaxbones checkpoint directory, or from a torch/timm weight file
-    of the classifier `source_model` (e.g. ImageNet weights for a segmenter's backbone)."""
+def warm_start(state, config):
+    """Weights from config.init_from: a flaxbones checkpoint directory (its backbone), a
+    weight file of the config's own model (e.g. a torchvision COCO detector to fine-tune:
+    everything but the class-specific layers), or one of a classifier `init_from_model`
+    (e.g. ImageNet weights: the backbone)."""
+    from flax import traverse_util
+    source, source_model = config.init_from, config.init_from_model
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if pathlib.Path(source).is_dir():
         merged, report = transfer(source, variables, subtrees=("backbone",))
         loaded, kept = len(report.loaded), len(report.skipped)
+    elif not source_model:
+        raise ValueError("init_from is a weight file: set init_from_model to the model name "
+                         "it belongs to (e.g. 'resnet50', or config.model itself)")
+    elif source_model == config.model:
+        weights, report = fb.load_pretrained(
+            source_model, source, skip_head=True, return_report=True,
+            num_classes=config.num_classes, **config.model_kwargs.to_dict())
+        flat = traverse_util.flatten_dict(variables, sep="/")
+        new = traverse_util.flatten_dict(weights, sep="/")
+        merged = traverse_util.unflatten_dict(
+            {k: v if k in report.skipped else new[k] for k, v in flat.items()}, sep="/")
+        loaded, kept = len(flat) - len(report.skipped), len(report.skipped)
     else:
-        if not source_model:
-            raise ValueError("init_from is a weight file: set init_from_model to the "
-                             "classifier name it belongs to (e.g. 'resnet50')")
         weights = fb.load_pretrained(source_model, source, skip_head=True)
         merged = {c: {**variables[c], "backbone": weights[c]["backbone"]} for c in variables}
         loaded = len(jax.tree.leaves(weights["params"]["backbone"]))
@@ -184,7 +220,7 @@ def warm_start(state, source, source_model):
     return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
 
 
-def save_pictures(config, model, state, eval_data, workdir):
+def save_pictures(config, model, state, eval_data, workdir, predict_step=None):
     """Curves, and overlays (segmentation) or a confusion matrix (classification).
 
     Every process runs the predictions (they are collective on a multi-host mesh);
@@ -205,7 +241,7 @@ def save_pictures(config, model, state, eval_data, workdir):
         out.mkdir(parents=True, exist_ok=True)
         pictures.plot_curves(pathlib.Path(workdir) / "metrics.jsonl", out / "curves.png")
     if config.task == "detection":
-        return [out / "curves.png", save_detections(config, model, variables, eval_data, out)]
+        return [out / "curves.png", save_detections(config, predict_step, state, eval_data, out)]
     if config.task == "segmentation":
         batch, preds = gathered(next(iter(eval_data)))
         keep = np.flatnonzero(batch["valid"])[:config.num_pictures]
@@ -225,12 +261,12 @@ def save_pictures(config, model, state, eval_data, workdir):
     return [out / "curves.png", out / "confusion.png"]
 
 
-def save_detections(config, model, variables, eval_data, out):
-    """Held-out images: ground truth beside the detections, in the resized frame."""
+def save_detections(config, predict_step, state, eval_data, out):
+    """Held-out images: ground truth beside the detections (the evaluation's own predict
+    step), in the resized frame."""
     from jax.experimental import multihost_utils
     batch = next(iter(eval_data))
-    outputs = jax.jit(lambda v, x, s: model.apply(v, x, s, train=False))(
-        variables, batch["image"], batch["image_size"])
+    outputs = predict_step(state, batch)
     batch, outputs = multihost_utils.process_allgather((batch, outputs), tiled=True)
     path = out / "detections.png"
     if jax.process_index() != 0:
@@ -246,9 +282,7 @@ def save_detections(config, model, variables, eval_data, out):
     mean, std = fbd.normalization(model=config.normalize_like)
     h, w = sizes.max(0)
     images = pictures.denormalize(batch["image"][keep][:, :h, :w], mean, std)
-    builder = fbd.load_builder(config.dataset, config.data_dir or None)
-    names = ["background", *getattr(builder.info.features["objects"]["label"], "names", [])]
-    pictures.save_detections(path, images, truths, preds, names)
+    pictures.save_detections(path, images, truths, preds, detection_names(config))
     return path
 
 
@@ -324,7 +358,8 @@ def train_and_evaluate(config, workdir):
         ckpt.wait()
     if not metrics:
         metrics = run_eval(state)
-    paths = save_pictures(config, model, state, eval_data, workdir)
+    paths = save_pictures(config, model, state, eval_data, workdir,
+                          predict_step if config.task == "detection" else None)
     if jax.process_index() == 0:
         print("pictures: " + ", ".join(str(p) for p in paths))
     return metrics

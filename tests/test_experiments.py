@@ -26,6 +26,14 @@ RECIPE = ("task", "model", "model_kwargs", "normalize_like", "num_classes", "opt
           "precision", "aux_weight", "label_smoothing", "bn_mode", "init_from_model")
 
 
+# torchvision's per-image counts (2000 proposals, 512 RoIs of which 128 reach the mask head)
+# sized for 64 px test images, where those defaults would make a step take a minute on CPU.
+# A config test may add them when the config does not set them (they are sizes, not recipe).
+RCNN_TEST_SIZES = dict(rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
+                       rpn_pre_nms_top_n=150, rpn_post_nms_top_n=100,
+                       box_batch_size_per_image=64, detections_per_img=20)
+
+
 def load_module(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -73,7 +81,11 @@ def at_test_size(name, data_dir):
     config = load_config(name, batch_size=2, num_steps=2, log_every=1, eval_every=2,
                          checkpoint_every=2, num_pictures=2, data_dir=data_dir)
     if config.task == "detection":  # the 64 px instances build, as it is
-        config.detection.update(min_size=64, max_size=64, pad_size=64)
+        config.detection.update(min_size=64, max_size=64, pad_size=64, label_offset=1,
+                                label_map="")
+        if "rcnn" in config.model:  # proposal and RoI counts for 64 px images
+            config.model_kwargs.update({k: v for k, v in RCNN_TEST_SIZES.items()
+                                        if k not in config.model_kwargs})
         config.dataset = "flaxbones_shapes/instances_tiny"
         return config
     h, w = importlib.import_module("common").pair(config.eval_size)
@@ -106,6 +118,8 @@ def torch_weights(name, directory):
     torch.manual_seed(0)
     if name.startswith("xception"):
         model = timm.create_model(name)
+    elif hasattr(torchvision.models.detection, name):  # a COCO detector, 91 classes
+        model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None)
     else:
         model = getattr(torchvision.models, name)()
     return save_state(model, directory / f"{name}.safetensors")
@@ -145,6 +159,8 @@ def test_config_trains_and_evaluates(name, runs, request, capsys):
     with Checkpoints(workdir / "checkpoints") as ckpt:
         saved = ckpt.read_meta()["config"]
     original = json.loads(config.to_json())
+    saved["model_kwargs"] = {k: v for k, v in saved["model_kwargs"].items()
+                             if k in original["model_kwargs"] or k not in RCNN_TEST_SIZES}
     assert {k: saved[k] for k in RECIPE} == {k: original[k] for k in RECIPE}
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -359,3 +375,34 @@ def test_predict_detector_prints_and_draws_each_image_one_compile_per_bucket(
         assert scores == sorted(scores, reverse=True)
         s = pictures.magnification(h, w)
         assert s > 1 and Image.open(png).size == (w * s, h * s)
+
+
+def test_detection_run_stopped_and_resumed_in_a_new_process_is_bit_identical(data_dir, tmp_path):
+    """The detection demo's recipe at test size (constant learning rate, so a shorter run is a
+    prefix of the longer one): 4 steps straight, or 2 then 2 more in a new process, end in
+    identical variables: sampling keys, data position and optimizer state all resume."""
+    import flaxbones as fb
+
+    def run(workdir, steps):
+        result = subprocess.run(
+            [sys.executable, os.path.join(EXPERIMENTS, "train.py"),
+             f"--config={os.path.join(CONFIGS, 'shapes_maskrcnn.py')}", f"--workdir={workdir}",
+             f"--config.num_steps={steps}", "--config.batch_size=2",
+             f"--config.data_dir={data_dir}",
+             "--config.dataset=flaxbones_shapes/instances_tiny", "--config.detection.min_size=64",
+             "--config.detection.max_size=64", "--config.detection.pad_size=64",
+             "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0",
+             "--config.log_every=1", "--config.eval_every=100", "--config.checkpoint_every=2",
+             "--config.num_pictures=1"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    assert "resumed from step 2" in run(tmp_path / "resumed", 4)
+    straight, resumed = (jax.tree.leaves(fb.load_pretrained(None, tmp_path / d / "checkpoints"))
+                         for d in ("straight", "resumed"))
+    assert len(straight) == len(resumed) > 100
+    for a, b in zip(straight, resumed):
+        np.testing.assert_array_equal(a, b)

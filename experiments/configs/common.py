@@ -52,9 +52,12 @@ def base(**overrides) -> ml_collections.ConfigDict:
 def detection(**overrides) -> ml_collections.ConfigDict:
     """A detection config's input and evaluation settings (config.detection)."""
     d = ml_collections.ConfigDict()
-    d.min_size = 800  # torchvision's resize rule: shorter side to min_size ...
-    d.max_size = 1333  # ... longer side at most max_size
-    d.pad_size = size((800, 1344))  # every batch padded to this (one compile)
+    d.min_size = size(800)  # torchvision's resize rule: shorter side to min_size (a tuple: one
+    d.max_size = 1333  # drawn per train image, the last at eval), longer side <= max_size
+    d.pad_size = size((800, 1344))  # every batch padded to this (one compile); None: to
+    #                                 size buckets (a bounded number of compiles)
+    d.label_offset = 1  # class id = dataset label + label_offset (0 is background) ...
+    d.label_map = ""  # ... or "coco": TFDS coco/2017's 80 labels -> torchvision's 91 ids
     d.max_instances = 100  # ground truth per image (more is an error naming the image)
     d.iou_types = ("bbox",)  # COCO AP kinds: bbox, segm, keypoints
     d.annotations = ""  # a COCO annotation json for evaluation ("": the pipeline's own)

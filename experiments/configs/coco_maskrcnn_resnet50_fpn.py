@@ -1,0 +1,35 @@
+"""Mask R-CNN ResNet-50 FPN on COCO 2017, torchvision's recipe (references/detection:
+26 epochs, batch 16, SGD lr 0.02 momentum 0.9, weight decay 1e-4, lr x0.1 at epochs 16
+and 22, 1000 warmup steps, ImageNet ResNet-50 backbone with 3 trainable stages, resize
+to 800 / at most 1333). Store the official layout once, then point init_from at
+torchvision's resnet50 ImageNet file:
+
+    python -m flaxbones.data.coco /data/coco --data_dir=~/tensorflow_datasets
+    python experiments/train.py --config=experiments/configs/coco_maskrcnn_resnet50_fpn.py \
+        --config.data_dir=~/tensorflow_datasets --config.init_from=resnet50-0676ba61.pth \
+        --config.detection.annotations=/data/coco/annotations/instances_val2017.json \
+        --workdir=workdir/coco_maskrcnn
+
+With the official val json, AP counts crowd regions as COCO's own evaluation does.
+"""
+import ml_collections
+
+from common import base, detection
+
+EPOCHS, TRAIN_IMAGES, BATCH = 26, 117_266, 16  # train2017 images with usable annotations
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
+
+
+def get_config():
+    return base(
+        task="detection", model="maskrcnn_resnet50_fpn", normalize_like="resnet50",
+        dataset="coco_instances", num_classes=91,
+        detection=detection(min_size=800, max_size=1333, pad_size=None, max_instances=100,
+                            label_offset=0, iou_types=("bbox", "segm")),
+        batch_size=BATCH, num_steps=EPOCHS * STEPS_PER_EPOCH,
+        optimizer=ml_collections.ConfigDict(dict(
+            name="sgd", learning_rate=0.02, momentum=0.9, nesterov=False, weight_decay=1e-4,
+            schedule="step", warmup_steps=1000,
+            boundaries=tuple(e * STEPS_PER_EPOCH for e in (16, 22)))),
+        init_from_model="resnet50", log_every=100, eval_every=STEPS_PER_EPOCH,
+        checkpoint_every=STEPS_PER_EPOCH, best_metric="segm/AP", num_pictures=4)
