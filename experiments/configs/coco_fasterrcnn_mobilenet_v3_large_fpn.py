@@ -9,24 +9,16 @@ at most 1333):
         --config.data_dir=~/tensorflow_datasets \
         --config.init_from=mobilenet_v3_large-8738ca79.pth --workdir=workdir/coco_frcnn_mnv3
 """
-import ml_collections
 
-from common import base, detection
+from common import base, coco_recipe, detection
 
-EPOCHS, TRAIN_IMAGES, BATCH = 26, 118_287, 16
-STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
+TRAIN_IMAGES = 118_287
 
 
 def get_config():
     return base(
-        task="detection", model="fasterrcnn_mobilenet_v3_large_fpn",
-        normalize_like="mobilenet_v3_large", dataset="coco/2017", num_classes=91,
+        task="detection", model="fasterrcnn_mobilenet_v3_large_fpn", normalize_like="mobilenet_v3_large",
+        dataset="coco/2017", num_classes=91,
         detection=detection(min_size=800, max_size=1333, pad_size=None, max_instances=100,
                             label_map="coco"),
-        batch_size=BATCH, num_steps=EPOCHS * STEPS_PER_EPOCH,
-        optimizer=ml_collections.ConfigDict(dict(
-            name="sgd", learning_rate=0.02, momentum=0.9, nesterov=False, weight_decay=1e-4,
-            schedule="step", warmup_steps=1000,
-            boundaries=tuple(e * STEPS_PER_EPOCH for e in (16, 22)))),
-        init_from_model="mobilenet_v3_large", log_every=100, eval_every=STEPS_PER_EPOCH,
-        checkpoint_every=STEPS_PER_EPOCH, best_metric="bbox/AP", num_pictures=4)
+        init_from_model="mobilenet_v3_large", best_metric="bbox/AP", **coco_recipe(0.02, TRAIN_IMAGES))

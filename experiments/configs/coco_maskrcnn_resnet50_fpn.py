@@ -12,12 +12,10 @@ torchvision's resnet50 ImageNet file:
 
 With the official val json, AP counts crowd regions as COCO's own evaluation does.
 """
-import ml_collections
 
-from common import base, detection
+from common import base, coco_recipe, detection
 
-EPOCHS, TRAIN_IMAGES, BATCH = 26, 117_266, 16  # train2017 images with usable annotations
-STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
+TRAIN_IMAGES = 117_266  # train2017 images with usable annotations
 
 
 def get_config():
@@ -26,10 +24,4 @@ def get_config():
         dataset="coco_instances", num_classes=91,
         detection=detection(min_size=800, max_size=1333, pad_size=None, max_instances=100,
                             label_offset=0, iou_types=("bbox", "segm")),
-        batch_size=BATCH, num_steps=EPOCHS * STEPS_PER_EPOCH,
-        optimizer=ml_collections.ConfigDict(dict(
-            name="sgd", learning_rate=0.02, momentum=0.9, nesterov=False, weight_decay=1e-4,
-            schedule="step", warmup_steps=1000,
-            boundaries=tuple(e * STEPS_PER_EPOCH for e in (16, 22)))),
-        init_from_model="resnet50", log_every=100, eval_every=STEPS_PER_EPOCH,
-        checkpoint_every=STEPS_PER_EPOCH, best_metric="segm/AP", num_pictures=4)
+        init_from_model="resnet50", best_metric="segm/AP", **coco_recipe(0.02, TRAIN_IMAGES))

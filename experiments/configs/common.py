@@ -66,6 +66,21 @@ def detection(**overrides) -> ml_collections.ConfigDict:
     return d
 
 
+def coco_recipe(learning_rate: float, train_images: int, batch: int = 16, epochs: int = 26,
+                milestones=(16, 22), warmup_steps: int = 1000) -> dict:
+    """torchvision's detection references schedule as base() overrides: SGD momentum 0.9,
+    weight decay 1e-4, linear warmup, lr x0.1 at each milestone epoch; eval and checkpoint
+    once an epoch."""
+    per_epoch = train_images // batch
+    return dict(
+        batch_size=batch, num_steps=epochs * per_epoch,
+        optimizer=ml_collections.ConfigDict(dict(
+            name="sgd", learning_rate=learning_rate, momentum=0.9, nesterov=False,
+            weight_decay=1e-4, schedule="step", warmup_steps=warmup_steps,
+            boundaries=tuple(e * per_epoch for e in milestones))),
+        log_every=100, eval_every=per_epoch, checkpoint_every=per_epoch, num_pictures=4)
+
+
 def pair(size, what: str = "size") -> tuple[int, int]:
     """A config size (int, or (h, w) as a tuple or, from JSON metadata, a list) as (h, w)."""
     if isinstance(size, int):
