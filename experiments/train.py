@@ -221,7 +221,8 @@ def warm_start(state, config):
 
 
 def save_pictures(config, model, state, eval_data, workdir, predict_step=None):
-    """Curves, and overlays (segmentation) or a confusion matrix (classification).
+    """Curves, and overlays (segmentation), a confusion matrix (classification) or
+    detections (through the evaluation's `predict_step`).
 
     Every process runs the predictions (they are collective on a multi-host mesh);
     process 0 writes the files.
@@ -320,6 +321,7 @@ def train_and_evaluate(config, workdir):
             def run_eval(state):
                 return evaluate_detection(predict_step, state, eval_data, config, mesh)
         else:
+            predict_step = None
             eval_step = ft.make_eval_step(task, mesh, shardings, policy=policy)
             def run_eval(state):
                 return evaluate(eval_step, state, eval_data, task)
@@ -358,8 +360,7 @@ def train_and_evaluate(config, workdir):
         ckpt.wait()
     if not metrics:
         metrics = run_eval(state)
-    paths = save_pictures(config, model, state, eval_data, workdir,
-                          predict_step if config.task == "detection" else None)
+    paths = save_pictures(config, model, state, eval_data, workdir, predict_step)
     if jax.process_index() == 0:
         print("pictures: " + ", ".join(str(p) for p in paths))
     return metrics

@@ -201,3 +201,6 @@ def test_stored_once_then_read_by_name_like_any_tfds_dataset(layout, tmp_path):
     assert "masks" in batch
     again = fbcoco.store_coco(root, str(tmp_path), splits={"train": SPLIT})
     assert again.info.splits["train"].num_examples == len(ids)
+    boxes = fbcoco.store_coco(root, str(tmp_path), splits={"train": SPLIT}, with_masks=False)
+    assert boxes.info.full_name.startswith("coco_instances_boxes/")
+    assert "mask" not in boxes.info.features["objects"]

@@ -155,7 +155,8 @@ SPLITS = {"train": "train2017", "validation": "val2017"}
 def store_coco(root: str, data_dir: str, *, kind: str = "instances", with_masks: bool = True,
                splits: dict | None = None):
     """The official layout under `root` written once as the TFDS dataset `coco_{kind}`
-    (splits 'train' and 'validation' from train2017 / val2017, or `splits`) in `data_dir`,
+    (`coco_{kind}_boxes` without masks, so the two never stand in for each other; splits
+    'train' and 'validation' from train2017 / val2017, or `splits`) in `data_dir`,
     so `detection_pipeline("coco_instances", data_dir=...)` and experiment configs read it
     like any prepared dataset: host splits, shuffling and exact resume included. Labels are
     the category ids (label_offset=0). A second call finds it there and returns at once."""
@@ -170,7 +171,8 @@ def store_coco(root: str, data_dir: str, *, kind: str = "instances", with_masks:
                                    with_keypoints=with_keypoints, shard_index=0, shard_count=1,
                                    train=name == "train")
                 for name, split in splits.items()}
-    return store_detection_dataset(f"coco_{kind}", datasets, data_dir, masks=with_masks,
+    name = f"coco_{kind}" if with_masks else f"coco_{kind}_boxes"
+    return store_detection_dataset(name, datasets, data_dir, masks=with_masks,
                                    keypoints=NUM_KEYPOINTS if with_keypoints else None,
                                    label_names=label_names)
 
@@ -184,7 +186,8 @@ def main(argv=None):
     parser.add_argument("root")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--kind", default="instances", choices=KINDS)
-    parser.add_argument("--no_masks", action="store_true", help="boxes only (smaller)")
+    parser.add_argument("--no_masks", action="store_true",
+                        help="boxes only (smaller), stored as coco_<kind>_boxes")
     args = parser.parse_args(argv)
     builder = store_coco(args.root, os.path.expanduser(args.data_dir), kind=args.kind,
                          with_masks=not args.no_masks)
