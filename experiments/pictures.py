@@ -162,7 +162,7 @@ def save_detections(path, images, truths, preds, class_names=None, score_thresh=
 
     `images` uint8 (N, H, W, 3); `truths` and `preds` per image dicts of numpy arrays in the
     image's frame: `boxes` (k, 4) xyxy, `labels` (k,), optional `masks` (k, H, W) (> 0.5 is
-    inside) and, for predictions, `scores` (k,).
+    inside) and `keypoints` (k, K, 3), and, for predictions, `scores` (k,).
     """
     height, width = np.shape(images)[1:3]
     fig, axes = plt.subplots(len(images), 2, squeeze=False, layout="constrained",
@@ -178,6 +178,8 @@ def save_detections(path, images, truths, preds, class_names=None, score_thresh=
                 rgb = colour(int(label)) / 255
                 ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1],
                                            fill=False, edgecolor=rgb, linewidth=1.2))
+                if "keypoints" in found:
+                    draw_keypoints(ax, found["keypoints"][i], rgb, size=0.6)
                 ax.text(box[0], box[1], _tag(found, i, class_names), fontsize=6,
                         color=_ink(rgb), va="bottom",
                         bbox=dict(facecolor=rgb, edgecolor="none", pad=0.5, alpha=0.9))
@@ -198,10 +200,32 @@ def _paint_masks(image, found, alpha=0.55):
     return out.astype(np.uint8)
 
 
+# COCO's person skeleton (person_keypoints_*.json "skeleton", 0-based): drawn when a
+# detector predicts COCO's 17 keypoints
+COCO_SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6),
+                 (5, 7), (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4),
+                 (3, 5), (4, 6))
+
+
+def draw_keypoints(ax, keypoints, rgb, size=1.0):
+    """An instance's `keypoints` (K, 3) (x, y, visibility; > 0 is drawn) as dots in `rgb`
+    on `ax`, joined by COCO's skeleton when K is 17."""
+    keypoints = np.asarray(keypoints)
+    seen = keypoints[:, 2] > 0
+    if len(keypoints) == 17:
+        for a, b in COCO_SKELETON:
+            if seen[a] and seen[b]:
+                ax.plot(keypoints[[a, b], 0], keypoints[[a, b], 1], color=rgb,
+                        linewidth=1.2 * size, solid_capstyle="round")
+    ax.scatter(keypoints[seen, 0], keypoints[seen, 1], s=9 * size ** 2, color=rgb,
+               edgecolors="white", linewidths=0.4 * size, zorder=3)
+
+
 def save_detection_image(path, image, found, class_names=None, min_side=480, dpi=100):
     """`image` (H, W, 3) uint8 full-bleed in its own frame with its detections `found`
-    (boxes, labels, optional scores and masks, as save_detections takes them): masks blended
-    and outlined, boxes and 'name score' tags in the class colour. The PNG is the image's
+    (boxes, labels, optional scores, masks and keypoints, as save_detections takes them):
+    masks blended and outlined, keypoints and skeletons, boxes and 'name score' tags in the
+    class colour. The PNG is the image's
     size times `magnification` (an integer: small images grow until the tags are legible)."""
     if "scores" in found:  # the best drawn last, on top
         order = np.argsort(found["scores"], kind="stable")
@@ -222,6 +246,8 @@ def save_detection_image(path, image, found, class_names=None, min_side=480, dpi
                        levels=[0.5], colors=[rgb], linewidths=width * 0.6)
         ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False,
                                    edgecolor=rgb, linewidth=width))
+        if "keypoints" in found:
+            draw_keypoints(ax, found["keypoints"][i], rgb, size=width)
         above = box[1] * s > points * dpi / 72 * 1.6  # room for the tag over the box
         ax.text(box[0], box[1], _tag(found, i, class_names), fontsize=points, color=_ink(rgb),
                 va="bottom" if above else "top", clip_on=True,

@@ -143,3 +143,46 @@ def test_heatmaps_to_keypoints_no_rois():
     from flaxbones.detection.keypoints import heatmaps_to_keypoints
     kps, scores = heatmaps_to_keypoints(jnp.zeros((0, 17, 56, 56)), jnp.zeros((0, 4)), (64, 64))
     assert kps.shape == (0, 17, 3) and scores.shape == (0, 17)
+
+
+@pytest.mark.parametrize("aligned,sampling_ratio", [(False, 2), (True, -1), (False, 0)])
+def test_matmul_roi_align_matches_torchvision_with_gradients(aligned, sampling_ratio):
+    """method='matmul' (separable weight matrices) against torchvision's roi_align: outputs and
+    the gradient to the features, boxes outside the map and degenerate included."""
+    rng = np.random.default_rng(11 + sampling_ratio)
+    f = rng.normal(size=(2, 13, 17, 5)).astype(np.float32)
+    b = _boxes(rng, 2, 30, -12, 20, -2, 22)
+    if aligned and sampling_ratio <= 0:
+        b[..., 2:] = np.maximum(b[..., 2:], b[..., :2])
+    ft = torch.from_numpy(f).permute(0, 3, 1, 2).requires_grad_()
+    ref = torchvision.ops.roi_align(ft, [torch.from_numpy(x) for x in b], (3, 4), 1.0,
+                                    sampling_ratio, aligned)
+    weight = rng.normal(size=ref.shape).astype(np.float32)
+    (ref * torch.from_numpy(weight)).sum().backward()
+    grid = (40, 40) if sampling_ratio <= 0 else None
+    fn = lambda f: roi_align(f, b, (3, 4), 1.0, sampling_ratio, aligned, grid, method="matmul")
+    out, vjp = jax.vjp(jax.jit(fn), f)
+    ref = ref.detach().permute(0, 2, 3, 1).numpy().reshape(out.shape)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=_tol(ref))
+    weight = weight.transpose(0, 2, 3, 1).reshape(out.shape)
+    grad = ft.grad.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(vjp(weight)[0]), grad, atol=1e-5 * np.abs(grad).max())
+
+
+def test_matmul_multiscale_matches_torchvision():
+    """MultiScaleRoIAlign(method='matmul') on the FPN level mapping, every level used, and
+    rois torchvision pools nothing for (a NaN level) pooled as zeros."""
+    rng = np.random.default_rng(12)
+    strides = [4, 8, 16, 32]
+    feats = [rng.normal(size=(2, 256 // s, 320 // s, 4)).astype(np.float32) for s in strides]
+    b = rng.uniform(-20, 250, size=(2, 40, 4)).astype(np.float32)
+    side = np.exp(rng.uniform(0, 6.0, (2, 40, 1)))
+    b[..., 2:] = b[..., :2] + side
+    b[:, 1] = [50.0, 40.0, 20.0, 90.0]
+    ref = _tv_multiscale(feats, strides, b, [(250, 310), (240, 301)], (7, 7), 2)
+    m = MultiScaleRoIAlign(7, 2, method="matmul")
+    out = np.asarray(jax.jit(lambda f, b: m(f, strides, b))(feats, b))
+    np.testing.assert_allclose(out, ref, atol=_tol(ref))
+    assert not out[:, 1].any()
+    with pytest.raises(ValueError, match="method"):
+        MultiScaleRoIAlign(7, 2, method="dense")(feats, strides, b)

@@ -239,6 +239,29 @@ def test_overlays_draw_class_maps_in_the_legend_colours(tmp_path):
     assert len({tuple(rgb) for _, rgb in entries}) == len(entries)
 
 
+def test_detection_pictures_draw_keypoints_and_the_coco_skeleton(tmp_path):
+    """A person's 17 keypoints: each visible one a dot in its class colour, joined by COCO's
+    skeleton; an invisible one (and its bones) left out."""
+    from PIL import Image
+    pictures = load_module("pictures")
+    image = np.full((64, 64, 3), 40, np.uint8)
+    points = np.zeros((1, 17, 3), np.float32)
+    points[0, :, 0], points[0, :, 1], points[0, :, 2] = np.linspace(8, 56, 17), 32, 1
+    points[0, 16, 2] = 0
+    found = {"boxes": np.float32([[4, 4, 60, 60]]), "labels": np.int64([1]),
+             "scores": np.float32([0.9]), "keypoints": points}
+    pictures.save_detection_image(tmp_path / "k.png", image, found)
+    png = np.asarray(Image.open(tmp_path / "k.png").convert("RGB"))
+    s = pictures.magnification(64, 64)
+    rgb = pictures.colour(1)
+    near = lambda x, y: np.abs(png[int(y * s) - 2:int(y * s) + 3, int(x * s) - 2:int(x * s) + 3]
+                               .astype(int) - rgb).sum(-1).min()
+    assert near(*points[0, 0, :2]) < 60 and near(*points[0, 15, :2]) < 60
+    assert near(points[0, 16, 0] + 1, 32) > 200  # invisible: no dot, no bone to it
+    pictures.save_detections(tmp_path / "d.png", image[None], [found], [found])
+    assert (tmp_path / "d.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("hw", [(40, 36), (97, 131), (300, 200), (32, 32)])
 def test_classifier_input_is_torchvisions_eval_transform(predict, hw):
     from PIL import Image

@@ -110,3 +110,34 @@ def test_depthwise_backward_keeps_its_input_not_the_shifted_windows():
         return jax.jit(jax.grad(loss)).lower(kernels).compile().memory_analysis().temp_size_in_bytes
 
     assert grad_temp(cpu_conv._shifted_depthwise) < 0.5 * grad_temp(cpu_conv._depthwise_sum)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(2, 2, 0), (4, 2, 1), (3, 2, 1), (5, 3, 2)])
+@pytest.mark.parametrize("cpu", [False, True])
+def test_conv_transpose_matches_torch_outputs_and_gradients(k, stride, padding, cpu):
+    """Both forms of ConvTranspose2d (Mask R-CNN's 2x2/2, Keypoint R-CNN's 4x4/2 pad 1, odd
+    kernels) against torch.nn.ConvTranspose2d with its weights: outputs and input, kernel
+    and bias gradients of a weighted sum."""
+    torch = pytest.importorskip("torch")
+    from flaxbones.layers.conv_transpose import ConvTranspose2d
+    rng = np.random.default_rng(k + stride)
+    x = rng.normal(size=(2, 5, 7, 6)).astype(np.float32)
+    ref = torch.nn.ConvTranspose2d(6, 4, k, stride, padding)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    out_t = ref(xt).permute(0, 2, 3, 1)
+    weight = rng.normal(size=out_t.shape).astype(np.float32)
+    (out_t * torch.from_numpy(weight)).sum().backward()
+    params = {"kernel": ref.weight.detach().numpy().transpose(2, 3, 1, 0),
+              "bias": ref.bias.detach().numpy()}
+    layer = ConvTranspose2d(4, k, stride, padding, cpu=cpu)
+    assert jax.tree.map(jnp.shape, layer.init(jax.random.PRNGKey(0), x)["params"]) \
+        == jax.tree.map(jnp.shape, params)
+    out, vjp = jax.vjp(lambda p, x: layer.apply({"params": p}, x), params, x)
+    np.testing.assert_allclose(out, out_t.detach().numpy(), atol=1e-5)
+    grad_p, grad_x = vjp(weight)
+    np.testing.assert_allclose(grad_x, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(grad_p["kernel"], ref.weight.grad.numpy().transpose(2, 3, 1, 0),
+                               atol=1e-4)
+    np.testing.assert_allclose(grad_p["bias"], ref.bias.grad.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="padding"):
+        ConvTranspose2d(4, 2, 2, 2).init(jax.random.PRNGKey(0), x)

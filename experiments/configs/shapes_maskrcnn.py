@@ -10,7 +10,7 @@ def get_config():
         task="detection", model="maskrcnn",
         model_kwargs=ml_collections.ConfigDict(dict(
             backbone="resnet18", frozen_bn=False, fpn_channels=64, representation_size=256,
-            mask_channels=64,
+            mask_channels=32, mask_dim_reduced=32, roi_align="matmul",
             anchor_sizes=((16,), (32,), (64,), (96,), (128,)),
             rpn_pre_nms_top_n=300, rpn_post_nms_top_n=100,
             rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
@@ -19,9 +19,9 @@ def get_config():
         normalize_like="resnet18", dataset="flaxbones_shapes/instances", num_classes=4,
         detection=detection(min_size=96, max_size=96, pad_size=96, max_instances=8,
                             iou_types=("bbox", "segm")),
-        batch_size=8, num_steps=800,
+        batch_size=8, num_steps=450,
         optimizer=ml_collections.ConfigDict(dict(
             name="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
             warmup_steps=50)),
-        cache=True, log_every=25, eval_every=400, checkpoint_every=400, keep_checkpoints=2,
+        cache=True, log_every=25, eval_every=225, checkpoint_every=225, keep_checkpoints=2,
         best_metric="segm/AP")

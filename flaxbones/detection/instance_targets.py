@@ -6,26 +6,36 @@ import math
 import jax
 import jax.numpy as jnp
 
-from flaxbones.detection.roi_align import _roi_align_flat
+from flaxbones.detection.roi_align import _check_method, _roi_align_flat, _roi_align_matmul
 
 
-def project_masks(gt_masks, boxes, matched_idxs, size: int, sampling_ratio: int | None = None):
+def project_masks(gt_masks, boxes, matched_idxs, size: int, sampling_ratio: int | None = None,
+                  method: str = "gather"):
     """Each proposal's matched ground-truth mask (G, H, W) RoIAligned to (P, size, size) float32.
 
     torchvision's project_masks_on_boxes (spatial_scale 1, aligned=False, adaptive sampling);
     the adaptive grid is capped at ceil(H / size) x ceil(W / size), exact for every box no
     taller than H and no wider than W (any box clipped to the image). `sampling_ratio` > 0
-    samples a fixed grid instead (faster on big masks; not torchvision's targets)."""
+    samples a fixed grid instead (faster on big masks; not torchvision's targets). `method`
+    "matmul" pools each proposal's own copy of its mask (P x H x W floats: small masks only;
+    see `roi_align`)."""
     if gt_masks.ndim != 3 or boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"gt_masks (G, H, W) and boxes (P, 4) expected, got {gt_masks.shape}, "
                          f"{boxes.shape}")
     if sampling_ratio is not None and sampling_ratio <= 0:
         raise ValueError(f"sampling_ratio must be None (adaptive) or > 0, got {sampling_ratio}")
+    _check_method(method)
     g, h, w = gt_masks.shape
     p = boxes.shape[0]
-    flat = jnp.asarray(gt_masks).astype(jnp.float32).reshape(g * h * w, 1)
-    base = jnp.clip(jnp.asarray(matched_idxs).astype(jnp.int32), 0, g - 1) * (h * w)
     grid = (max(1, math.ceil(h / size)), max(1, math.ceil(w / size)))
+    matched_idxs = jnp.clip(jnp.asarray(matched_idxs).astype(jnp.int32), 0, g - 1)
+    if method == "matmul":
+        own = jnp.asarray(gt_masks)[matched_idxs].astype(jnp.float32)[..., None]
+        out = _roi_align_matmul(own, boxes.astype(jnp.float32)[:, None], 1.0, (size, size),
+                                sampling_ratio or -1, False, grid)
+        return out[:, 0, ..., 0]
+    flat = jnp.asarray(gt_masks).astype(jnp.float32).reshape(g * h * w, 1)
+    base = matched_idxs * (h * w)
     out = _roi_align_flat(flat, base, jnp.full((p,), h, jnp.int32), jnp.full((p,), w, jnp.int32),
                           jnp.ones((p,), jnp.float32), boxes.astype(jnp.float32), (size, size),
                           sampling_ratio or -1, False, grid)

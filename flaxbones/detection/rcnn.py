@@ -158,13 +158,16 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
                box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
                detections_per_img: int = 100, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
                mask: str | None = None, num_keypoints: int | None = None,
-               mask_channels: int = 256, keypoint_channels: int = 512,
+               mask_channels: int = 256, mask_dim_reduced: int = 256,
+               keypoint_channels: int = 512, roi_align: str = "gather",
                **backbone_kwargs) -> RCNN:
     """An RCNN from parts. `box_head` 'mlp' (v1 TwoMLPHead) or 'conv' (v2: 4 conv-BN, 1 fc);
     `mask` None, 'plain' (v1 MaskRCNNHeads) or 'bn' (v2); `num_keypoints` adds the keypoint
     branch; `mask_channels` / `keypoint_channels` are their conv widths (torchvision's 256 /
-    512). The heads share the backbone's dtypes and kernel choice; their BatchNorms
-    (v2) are ordinary, as torchvision's. The `*_train`, `*_iou_thresh`, `*_batch_size_per_image`
+    512), `mask_dim_reduced` the mask predictor's upsampling width (256). `roi_align` is the
+    RoIAlign method, 'gather' or 'matmul' (faster on CPU for small images; see
+    `detection.roi_align`). The heads share the backbone's dtypes and kernel choice; their
+    BatchNorms (v2) are ordinary, as torchvision's. The `*_train`, `*_iou_thresh`, `*_batch_size_per_image`
     and `*_positive_fraction` keywords are torchvision's training settings."""
     check_num_classes(num_classes)
     fpn_levels = tuple(fpn_levels)
@@ -187,7 +190,8 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
     heads = dict(box_head=head, box_predictor=FastRCNNPredictor(num_classes, **common))
     if mask:
         heads.update(mask_head=ConvHead((mask_channels,) * 4, norm=mask == "bn", **common),
-                     mask_predictor=MaskRCNNPredictor(num_classes, **common))
+                     mask_predictor=MaskRCNNPredictor(num_classes, mask_dim_reduced,
+                                                        **common))
     if num_keypoints:
         heads.update(keypoint_head=ConvHead((keypoint_channels,) * 8, **common),
                      keypoint_predictor=KeypointRCNNPredictor(num_keypoints, **common))
@@ -196,7 +200,7 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
                          bbox_reg_weights=tuple(bbox_reg_weights),
                          fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
                          batch_size_per_image=box_batch_size_per_image,
-                         positive_fraction=box_positive_fraction)
+                         positive_fraction=box_positive_fraction, roi_align=roi_align)
     return RCNN(bb, neck, rpn, roi_heads, trainable_layers)
 
 

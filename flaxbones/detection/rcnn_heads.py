@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.layers import ConvNormAct, ConvNormModule, resize_bilinear
+from flaxbones.layers.conv_transpose import ConvTranspose2d
 from flaxbones.layers.init import torch_bias_init, torch_default_init
 
 
@@ -111,12 +112,11 @@ class ConvHead(ConvNormModule):
 
 
 def _conv_transpose(module, features, kernel, stride, padding, name):
-    """torch.nn.ConvTranspose2d(kernel, stride, padding): flax's with transpose_kernel, so
-    torch's (in, out, kh, kw) weight converts with the conv layout rule (kh, kw, out, in)."""
-    pad = kernel - 1 - padding
-    return nn.ConvTranspose(features, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)),
-                            transpose_kernel=True, dtype=module.dtype,
-                            param_dtype=module.param_dtype, kernel_init=module.conv_init, name=name)
+    """torch.nn.ConvTranspose2d(kernel, stride, padding), in the form the module's
+    `cpu_kernels` picks; torch's (in, out, kh, kw) weight converts with the conv layout rule."""
+    return ConvTranspose2d(features, kernel, stride, padding, cpu=module.cpu_kernels,
+                           dtype=module.dtype, param_dtype=module.param_dtype,
+                           kernel_init=module.conv_init, name=name)
 
 
 class MaskRCNNPredictor(ConvNormModule):

@@ -99,6 +99,7 @@ class RoIHeads(nn.Module):
     mask_pool_size: int = 14
     keypoint_pool_size: int = 14
     sampling_ratio: int = 2
+    roi_align: str = "gather"
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5
     batch_size_per_image: int = 512
@@ -109,7 +110,8 @@ class RoIHeads(nn.Module):
         # RoIAlign samples in float32 whatever the compute dtype (bf16 features would also
         # trip roi_align's float32 weights in its loop carry); the heads cast back.
         features = [f.astype(jnp.float32) for f in features]
-        pool = lambda size, boxes: MultiScaleRoIAlign(size, self.sampling_ratio)(
+        pool = lambda size, boxes: MultiScaleRoIAlign(size, self.sampling_ratio,
+                                                              method=self.roi_align)(
             features, list(strides), boxes)
         if train:
             return self._losses(pool, proposals, proposal_valid, targets)
@@ -172,7 +174,8 @@ class RoIHeads(nn.Module):
                                                         train=True, mask=positive))
             self.sow("intermediates", "mask_logits", logits)
             size = logits.shape[2]
-            mask_targets = jax.vmap(lambda m, b, i: it.project_masks(m, b, i, size))(
+            project = partial(it.project_masks, size=size, method=self.roi_align)
+            mask_targets = jax.vmap(project)(
                 targets["masks"], rois, matched)
             losses["loss_mask"] = it.mask_loss(logits, labels, mask_targets, positive)
         if self.keypoint_head is not None:
