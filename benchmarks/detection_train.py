@@ -4,6 +4,7 @@
     python -m benchmarks.detection_train                       # Mask R-CNN and RetinaNet at 320
     python -m benchmarks.detection_train --size 512 --images 4 --precision bf16
     python -m benchmarks.detection_train --models maskrcnn_resnet50_fpn --rois 128
+    python -m benchmarks.detection_train --models maskrcnn_resnet50_fpn --positive-rois 32
 
 torchvision's side: its preset with random weights, every backbone BatchNorm swapped for
 FrozenBatchNorm2d (as its COCO recipe runs it) and every layer trainable; one step is
@@ -95,13 +96,16 @@ def _flax_batch(tv, tensors, targets):
     return out
 
 
-def _sampling(name, proposals, rois):
-    """(torchvision kwargs, flaxbones kwargs) overriding the R-CNN sampling sizes."""
+def _sampling(name, proposals, rois, positive_rois=None):
+    """(torchvision kwargs, flaxbones kwargs) overriding the R-CNN sampling sizes;
+    `positive_rois` caps flaxbones' mask/keypoint slots only (torchvision's heads run on the
+    actual positives)."""
     if not name.startswith(("fasterrcnn", "maskrcnn", "keypointrcnn")):
         return {}, {}
     tv = {"rpn_post_nms_top_n_train": proposals, "box_batch_size_per_image": rois}
     tv = {k: v for k, v in tv.items() if v is not None}
-    return tv, dict(tv)
+    extra = {"positive_rois_per_image": positive_rois} if positive_rois else {}
+    return tv, {**tv, **extra}
 
 
 def _check_finite(loss, side, name):
@@ -110,7 +114,7 @@ def _check_finite(loss, side, name):
 
 
 def measure(name, count, size, repeats, instances=3, precision="fp32", proposals=None,
-            rois=None, seed=0):
+            rois=None, seed=0, positive_rois=None):
     import jax
     import torch
     import torchvision
@@ -120,7 +124,7 @@ def measure(name, count, size, repeats, instances=3, precision="fp32", proposals
     import flaxbones as fb
     from flaxbones import train
 
-    tv_kwargs, fb_kwargs = _sampling(name, proposals, rois)
+    tv_kwargs, fb_kwargs = _sampling(name, proposals, rois, positive_rois)
     torch.manual_seed(seed)
     tv = torchvision.models.detection.__dict__[name](
         weights=None, weights_backbone=None, min_size=size, max_size=size * 5 // 3, **tv_kwargs)
@@ -193,6 +197,9 @@ def main(argv=None):
                         help="R-CNN proposals per image in training (default 2000)")
     parser.add_argument("--rois", type=int, default=None,
                         help="R-CNN sampled RoIs per image (default 512)")
+    parser.add_argument("--positive-rois", type=int, default=None,
+                        help="flaxbones' positive_rois_per_image: mask/keypoint head slots "
+                             "(default: all 128 positive slots)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
@@ -202,7 +209,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for name in args.models:
         r = measure(name, args.images, args.size, args.repeats, args.instances, args.precision,
-                    args.proposals, args.rois)
+                    args.proposals, args.rois, positive_rois=args.positive_rois)
         print(f"| {r['name']} | {r['size']} | {r['torch']:.2f} | {r['flax']:.2f} | "
               f"{r['flax'] / r['torch']:.2f} | {r['first_s']:.1f} |", flush=True)
 

@@ -95,3 +95,41 @@ def test_bf16_trains_with_fp32_params_and_close_losses(plain):
         np.testing.assert_allclose(m[k], ref_metrics[0][k], rtol=0.05, err_msg=k)
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
             if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+
+
+def test_mask_head_on_a_random_subset_of_positives():
+    """`positive_rois_per_image=K`: the mask head trains on K slots per image, drawn from the
+    positives. With K the largest positive count (below the 16 slots), every positive is
+    drawn: the same losses as on all of them (torchvision's)."""
+    batch = batch_of(2, seed=3)
+    masks = np.zeros((2, G, SIZE, SIZE), np.uint8)
+    for i, j in np.ndindex(2, G):
+        x0, y0, x1, y1 = batch["boxes"][i, j].astype(int)
+        masks[i, j, y0:y1, x0 + 1:x1] = 1
+    targets = {"boxes": batch["boxes"], "labels": batch["labels"],
+               "instance_valid": batch["instance_valid"], "masks": masks}
+
+    def losses(k):
+        model = fb.create_model("maskrcnn", backbone="resnet18", num_classes=4,
+                                fpn_channels=16, representation_size=32, mask_channels=8,
+                                mask_dim_reduced=8, box_batch_size_per_image=64,
+                                positive_rois_per_image=k, roi_align="matmul")
+        fn = jax.jit(lambda v: model.apply(v, batch["image"], batch["image_size"], train=True,
+                                           targets=targets, rngs={"sampling": jax.random.key(2)},
+                                           mutable=["batch_stats", "intermediates"]))
+        out, state = fn(variables)
+        inter = state["intermediates"]["roi_heads"]
+        return ({k: float(v) for k, v in out.items()}, inter["mask_logits"][0].shape,
+                np.asarray(inter["sampled_positive"][0]).sum(1))
+
+    variables = fb.create_model(
+        "maskrcnn", backbone="resnet18", num_classes=4, fpn_channels=16, representation_size=32,
+        mask_channels=8, mask_dim_reduced=8).init(jax.random.PRNGKey(0), batch["image"][:1])
+    full, full_shape, positives = losses(None)
+    assert full_shape[1] == 16 and 1 < positives.max() < 16, positives
+    same, same_shape, _ = losses(int(positives.max()))
+    assert same_shape[1] == positives.max()
+    for k in full:
+        np.testing.assert_allclose(same[k], full[k], rtol=1e-5, err_msg=k)
+    with pytest.raises(ValueError, match="positive_rois_per_image"):
+        fb.create_model("maskrcnn", backbone="resnet18", positive_rois_per_image=0)

@@ -160,21 +160,26 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
                mask: str | None = None, num_keypoints: int | None = None,
                mask_channels: int = 256, mask_dim_reduced: int = 256,
                keypoint_channels: int = 512, roi_align: str = "gather",
-               **backbone_kwargs) -> RCNN:
+               positive_rois_per_image: int | None = None, **backbone_kwargs) -> RCNN:
     """An RCNN from parts. `box_head` 'mlp' (v1 TwoMLPHead) or 'conv' (v2: 4 conv-BN, 1 fc);
     `mask` None, 'plain' (v1 MaskRCNNHeads) or 'bn' (v2); `num_keypoints` adds the keypoint
     branch; `mask_channels` / `keypoint_channels` are their conv widths (torchvision's 256 /
     512), `mask_dim_reduced` the mask predictor's upsampling width (256). `roi_align` is the
     RoIAlign method, 'gather' or 'matmul' (faster on CPU for small images; see
-    `detection.roi_align`). The heads share the backbone's dtypes and kernel choice; their
-    BatchNorms (v2) are ordinary, as torchvision's. The `*_train`, `*_iou_thresh`, `*_batch_size_per_image`
-    and `*_positive_fraction` keywords are torchvision's training settings."""
+    `detection.roi_align`). `positive_rois_per_image` caps the positive RoIs the mask and
+    keypoint heads train on (a random subset; None: all, as torchvision). The heads share
+    the backbone's dtypes and kernel choice; their BatchNorms (v2) are ordinary, as
+    torchvision's. The `*_train`, `*_iou_thresh`, `*_batch_size_per_image` and
+    `*_positive_fraction` keywords are torchvision's training settings."""
     check_num_classes(num_classes)
     fpn_levels = tuple(fpn_levels)
     if box_head not in ("mlp", "conv"):
         raise ValueError(f"box_head must be 'mlp' (v1) or 'conv' (v2), got {box_head!r}")
     if mask not in (None, "plain", "bn"):
         raise ValueError(f"mask must be None, 'plain' (v1) or 'bn' (v2), got {mask!r}")
+    if positive_rois_per_image is not None and positive_rois_per_image < 1:
+        raise ValueError(f"positive_rois_per_image must be None or >= 1, got "
+                         f"{positive_rois_per_image}")
     bb, common = detection_backbone(backbone, fpn_levels, frozen_bn, **backbone_kwargs)
     if fpn_names is None and not all(re.fullmatch(r"C\d+", n) for n in fpn_levels):
         fpn_names = tuple(map(str, range(len(fpn_levels)))) + ("pool",)  # torchvision's keys
@@ -200,7 +205,8 @@ def build_rcnn(backbone: Any = "resnet50", num_classes: int = 91, *,
                          bbox_reg_weights=tuple(bbox_reg_weights),
                          fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
                          batch_size_per_image=box_batch_size_per_image,
-                         positive_fraction=box_positive_fraction, roi_align=roi_align)
+                         positive_fraction=box_positive_fraction, roi_align=roi_align,
+                         positive_rois_per_image=positive_rois_per_image)
     return RCNN(bb, neck, rpn, roi_heads, trainable_layers)
 
 

@@ -79,7 +79,10 @@ class RoIHeads(nn.Module):
     `train=True` with `targets` (the detector's batched dict) returns torchvision's losses:
     `loss_classifier`, `loss_box_reg` on min(batch_size_per_image, P + G) RoIs per image
     (sampled with rng 'sampling'), `loss_mask` / `loss_keypoint` on the first
-    int(batch_size_per_image * positive_fraction) of them (where the positives are). Heads
+    int(batch_size_per_image * positive_fraction) of them (where the positives are), or on
+    a uniform random subset of at most `positive_rois_per_image` positives (static shapes make
+    the mask and keypoint heads pay for every slot; torchvision's loss is the mean over all
+    positives, of which the subset's mean is an unbiased estimate). Heads
     with BatchNorm (v2) take train-mode statistics over the sampled RoIs only (the box head)
     and the positive ones only (the mask head), as torchvision's, whose tensors hold only
     those: each head gets its slots' validity as `mask`.
@@ -104,6 +107,7 @@ class RoIHeads(nn.Module):
     bg_iou_thresh: float = 0.5
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
+    positive_rois_per_image: int | None = None
 
     def __call__(self, features, strides, proposals, proposal_valid, image_sizes, image_shape,
                  train: bool = False, targets=None):
@@ -167,8 +171,15 @@ class RoIHeads(nn.Module):
         if self.mask_head is None and self.keypoint_head is None:
             return losses
         slots = min(int(self.batch_size_per_image * self.positive_fraction), rois.shape[1])
-        rois, labels, matched, positive = (a[:, :slots] for a in (rois, labels, matched,
-                                                                   positive))
+        take = jnp.arange(slots)[None]
+        if self.positive_rois_per_image is not None and self.positive_rois_per_image < slots:
+            # a uniform random subset of the positives (they fill the first slots in order)
+            draw = jax.random.uniform(self.make_rng("sampling"), positive[:, :slots].shape)
+            rank = jnp.where(positive[:, :slots], draw, 2.0)
+            take = jnp.argsort(rank, axis=1)[:, :self.positive_rois_per_image]
+        pick = lambda a: jnp.take_along_axis(a[:, :slots], take.reshape(
+            take.shape + (1,) * (a.ndim - 2)), 1)
+        rois, labels, matched, positive = map(pick, (rois, labels, matched, positive))
         if self.mask_head is not None:
             logits = self.mask_predictor(self.mask_head(pool(self.mask_pool_size, rois),
                                                         train=True, mask=positive))
