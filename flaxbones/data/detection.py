@@ -55,6 +55,9 @@ COCO_PERSON_KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 1
 _REQUIRED = ("image", "objects/bbox", "objects/label")
 _OPTIONAL = ("image/id", "objects/is_crowd", "objects/mask", "objects/keypoints")
 _TOO_MANY = r"image -?\d+ has \d+ instances[^\]\"'\n]*"
+# bound once: at interpreter exit an unfinished iterator is closed after TensorFlow's lazy
+# attributes are torn down, and `except tf.errors...` would itself fail there
+_INVALID_ARGUMENT = tf.errors.InvalidArgumentError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ class DetectionPipeline(pipeline.Pipeline):
     def __iter__(self):
         try:
             yield from super().__iter__()
-        except tf.errors.InvalidArgumentError as error:
+        except _INVALID_ARGUMENT as error:
             match = re.search(_TOO_MANY, error.message)
             if match is None:
                 raise
