@@ -82,7 +82,8 @@ class RoIHeads(nn.Module):
     int(batch_size_per_image * positive_fraction) of them (where the positives are), or on
     a uniform random subset of at most `positive_rois_per_image` positives (static shapes make
     the mask and keypoint heads pay for every slot; torchvision's loss is the mean over all
-    positives, of which the subset's mean is an unbiased estimate). Heads
+    positives: the subset's mean estimates it without bias within an image, while an image
+    with more than K positives weighs K in the batch mean). Heads
     with BatchNorm (v2) take train-mode statistics over the sampled RoIs only (the box head)
     and the positive ones only (the mask head), as torchvision's, whose tensors hold only
     those: each head gets its slots' validity as `mask`.
