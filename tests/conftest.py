@@ -12,3 +12,19 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The suite is compile-bound on small shapes: LLVM's expensive passes cost more than they save.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                                    "--xla_llvm_disable_expensive_passes=true")
+
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_temp_dirs(tmp_path_factory):
+    """Delete the temporary directories a test module made once it ends: the suite writes
+    ~13 GB of weight files and checkpoints, more than a CI machine's disk may have free."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for path in set(base.iterdir()) - before:
+        shutil.rmtree(path, ignore_errors=True)
