@@ -128,3 +128,33 @@ def test_under_segmenters_and_a_detector():
                           rpn_post_nms_top_n=20, detections_per_img=5)
     out = jax.jit(lambda x: det.apply(det.init(jax.random.PRNGKey(0), x), x))(x)
     assert out["boxes"].shape == (1, 5, 4) and np.isfinite(out["boxes"]).all()
+
+
+def test_scan_blocks_load_and_equal_unrolled_with_gradients(weights):
+    """scan_blocks=True: the torchvision file loads onto the scanned form (the stacked
+    unscanned variables); a narrow ConvNeXt's outputs and input gradients equal the
+    unrolled model's; in training each scanned block draws its own drop-path mask."""
+    from flaxbones.backbones.convnext import ConvNeXt
+    from flaxbones.scan import scan_variables
+    v_plain = fb.load_pretrained("convnext_tiny", weights)
+    v_scan = fb.load_pretrained("convnext_tiny", weights, scan_blocks=True)
+    assert "features_5_scan" in v_scan["params"]["backbone"]
+    stacked = scan_variables(v_plain, fb.create_model("convnext_tiny", scan_blocks=True))
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(v_scan)):
+        np.testing.assert_array_equal(a, b)
+
+    narrow = dict(widths=(8, 16, 24, 32), depths=(2, 2, 3, 2), drop_path_rate=0.5)
+    plain, scanned = ConvNeXt(**narrow), ConvNeXt(**narrow, scan_blocks=True)
+    x = jnp.asarray(IMAGES[:2, :32, :32])
+    v = plain.init(jax.random.PRNGKey(0), x)
+    v = jax.tree.map(lambda a: a + 0.5 if a.ndim == 1 else a, v)  # layer scales near 1
+    vs = scan_variables(v, scanned)
+
+    def grad(model, variables):
+        loss = lambda x: jnp.sum(model.apply(variables, x)["C5"] ** 2)
+        return jax.jit(jax.value_and_grad(loss))(x)
+    (a, ga), (b, gb) = grad(plain, v), grad(scanned, vs)
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    np.testing.assert_allclose(gb, ga, atol=1e-5 * np.abs(ga).max())
+    train = jax.jit(lambda k: scanned.apply(vs, x, train=True, rngs={"dropout": k})["C5"])
+    assert not np.allclose(train(jax.random.key(0)), train(jax.random.key(1)))

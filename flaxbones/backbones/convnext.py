@@ -11,8 +11,10 @@ from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
+from flaxbones.layers.cpu_conv import loop_conv
 from flaxbones.layers.drop_path import drop_path
 from flaxbones.registry import register_variants
+from flaxbones.scan import scan_repeat
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 # (widths, depths) per variant, and torchvision's stochastic_depth_prob for its recipe
@@ -38,17 +40,18 @@ def _trunc_normal(key, shape, dtype=jnp.float32):
 
 
 class CNBlock(nn.Module):
-    """x + drop_path(layer_scale * MLP(LN(dwconv7x7(x))))."""
+    """x + drop_path(layer_scale * MLP(LN(dwconv7x7(x)))); the drop-path rate is a call
+    argument, so scanned blocks take their own."""
 
     dim: int
-    drop_path_rate: float
     dilation: int
     conv: Any
+    train: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, drop_path_rate=0.0):
         d = self.dilation
         y = self.conv(self.dim, (7, 7), padding=((3 * d, 3 * d), (3 * d, 3 * d)),
                       kernel_dilation=(d, d), feature_group_count=self.dim, use_bias=True,
@@ -61,7 +64,7 @@ class CNBlock(nn.Module):
         scale = self.param("layer_scale", nn.initializers.constant(1e-6), (self.dim,),
                            self.param_dtype)
         y = y * scale.astype(y.dtype)
-        return x + drop_path(self, y, self.drop_path_rate, train)
+        return x + drop_path(self, y, drop_path_rate, self.train)
 
 
 class ConvNeXt(Backbone):
@@ -70,13 +73,22 @@ class ConvNeXt(Backbone):
     convs dilated by the stride they drop ('same' padding, as timm) and dilates the stages
     after them. `drop_path_rate` is the last block's stochastic depth, linear from 0 over
     the blocks (torchvision's rule); 0 by default, torchvision's recipes use
-    `TORCHVISION_DROP_PATH`. Every block is rematerialised under `remat`."""
+    `TORCHVISION_DROP_PATH`. Every block is rematerialised under `remat`; `scan_blocks`
+    runs each stage's blocks in one `nn.scan` named `features_N_scan` (per-block drop-path
+    rates as its input)."""
 
     widths: Sequence[int] = VARIANTS["convnext_tiny"][0]
     depths: Sequence[int] = VARIANTS["convnext_tiny"][1]
     drop_path_rate: float = option(0.0)
+    scan_blocks: bool = option(False)
 
     conv_init = staticmethod(_trunc_normal)
+
+    @nn.nowrap
+    def scan_groups(self) -> dict[str, list[str]]:
+        """{scanned module: unscanned blocks}: every stage with more than one block."""
+        return {f"features_{2 * s + 1}_scan": [f"features_{2 * s + 1}_{i}" for i in range(d)]
+                for s, d in enumerate(self.depths) if d > 1}
 
     @property
     def _taps(self):
@@ -101,18 +113,24 @@ class ConvNeXt(Backbone):
         x = layer_norm(self, "features_0_norm")(x)
         outputs = [x]
         total, done = sum(self.depths), 0
+        scanned = self.scan_groups() if self.scan_blocks else {}
         for s, (width, depth) in enumerate(zip(self.widths, self.depths)):
             if s:
                 plan = plans[2 * s]
                 x = layer_norm(self, f"features_{2 * s}_norm")(x)
                 x = self._downsample(conv, width, plan, name=f"features_{2 * s}_conv")(x)
                 outputs.append(x)
-            dilation = plans[2 * s + 1].dilation
-            for i in range(depth):
-                rate = self.drop_path_rate * done / max(total - 1, 1)
-                x = block(width, rate, dilation, conv, self.dtype, self.param_dtype,
-                          name=f"features_{2 * s + 1}_{i}")(x, train)
-                done += 1
+            rates = [self.drop_path_rate * (done + i) / max(total - 1, 1) for i in range(depth)]
+            done += depth
+            stage = partial(block, width, plans[2 * s + 1].dilation, train=train,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
+            if f"features_{2 * s + 1}_scan" in scanned:
+                x = scan_repeat(partial(stage, loop_conv(conv)), depth,
+                                f"features_{2 * s + 1}_scan",
+                                per_step=jnp.asarray(rates, jnp.float32))(x)
+            else:
+                for i, rate in enumerate(rates):
+                    x = stage(conv, name=f"features_{2 * s + 1}_{i}")(x, rate)
             outputs.append(x)
         return {name: outputs[i] for name, (i, _) in taps.items()}
 
