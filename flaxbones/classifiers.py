@@ -8,7 +8,7 @@ from functools import partial
 from typing import Callable
 
 from flaxbones.heads.classification import (ClassifierHead, FCHead, GoogLeNetAux,
-                                            MobileNetV3Head)
+                                            LayerNormHead, MobileNetV3Head)
 from flaxbones.layers import normal_001
 from flaxbones.models import Classifier
 from flaxbones.registry import register_classifier
@@ -77,3 +77,5 @@ register_classifier(("alexnet",), ClassifierPreset(
 register_classifier(("googlenet",), ClassifierPreset(
     partial(ClassifierHead, kernel_init=normal_001),
     ClassifierHead.torch_rules("fc") + GoogLeNetAux.torch_rules(), GoogLeNetAux))
+register_classifier(("convnext_*",),
+                    ClassifierPreset(LayerNormHead, LayerNormHead.torch_rules()))

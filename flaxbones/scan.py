@@ -34,26 +34,30 @@ def is_stacked(path: str) -> bool:
 
 
 class _Step(nn.Module):
-    """One scan step: the block (a constructor taking `name`) applied to the carry.
-    `tapped` blocks return (out, tap); the tap is dropped."""
+    """One scan step: the block (a constructor taking `name`) applied to the carry, and to
+    this step's entry of `per_step` when given. `tapped` blocks return (out, tap); the tap
+    is dropped."""
 
     block: Callable[..., nn.Module]
     tapped: bool = False
+    stepped: bool = False
 
     @nn.compact
-    def __call__(self, x, _):
-        y = self.block(name=BODY)(x)
+    def __call__(self, x, per_step):
+        block = self.block(name=BODY)
+        y = block(x, per_step) if self.stepped else block(x)
         return (y[0] if self.tapped else y), None
 
 
 def scan_repeat(block: Callable[..., nn.Module], length: int, name: str,
-                tapped: bool = False) -> nn.Module:
+                tapped: bool = False, per_step=None) -> nn.Module:
     """A module applying `block` `length` times in an `nn.scan` (parameters, batch
-    statistics and rngs per block); call it as `module(x)`."""
+    statistics and rngs per block); call it as `module(x)`. `per_step` (length, ...), when
+    given, is the block's second argument, one entry per step (e.g. drop-path rates)."""
     scanned = nn.scan(_Step, variable_axes={"params": 0, "batch_stats": 0},
                       split_rngs={"params": True, "dropout": True}, length=length)
-    step = scanned(block, tapped, name=name)
-    return lambda x: step(x, None)[0]
+    step = scanned(block, tapped, per_step is not None, name=name)
+    return lambda x: step(x, per_step)[0]
 
 
 def _groups(model) -> tuple[str, dict[str, list[str]]]:

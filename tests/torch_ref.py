@@ -4,10 +4,18 @@ import torch
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every norm layer non-trivial affine parameters and running statistics."""
+    """Give every norm layer non-trivial affine parameters and running statistics, and every
+    layer scale (ConvNeXt's `layer_scale` / timm's `gamma`, initialised near 0, which would
+    make the blocks near-identities) values around 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("layer_scale", "gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
         for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
                 if m.affine:

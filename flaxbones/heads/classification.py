@@ -132,6 +132,33 @@ class MobileNetV3Head(nn.Module):
         return ((r"classifier\.0", "head/hidden"), (r"classifier\.3", "head/fc"))
 
 
+class LayerNormHead(nn.Module):
+    """torchvision's ConvNeXt classifier: pool C5 -> LayerNorm (eps 1e-6) -> `fc`.
+    `num_classes=0` returns the normalised pooled features (timm's pre-logits)."""
+
+    num_classes: int
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    levels = ("C5",)
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="norm")(
+            global_avg_pool(features["C5"]))
+        if self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        return _dense(self.num_classes, x.shape[-1], self.dtype, self.param_dtype,
+                      zero_bias=True, name="fc")(x)
+
+    @staticmethod
+    def torch_rules() -> tuple:
+        return ((r"classifier\.0", "head/norm"), (r"classifier\.2", "head/fc"))
+
+
 class InceptionAux(nn.Module):
     """torchvision's GoogLeNet auxiliary classifier: adaptive 4x4 average pool, 1x1
     conv-BN-ReLU (128), fc1 (1024, ReLU), dropout, fc2; flattened in NCHW order as torch."""

@@ -7,13 +7,14 @@ import functools
 
 from flax import linen as nn
 
-from flaxbones.heads.classification import ClassifierHead, FCHead, MobileNetV3Head
+from flaxbones.heads.classification import (ClassifierHead, FCHead, LayerNormHead,
+                                            MobileNetV3Head)
 from flaxbones.layers.module import ConvNormModule
 from flaxbones.layers.tied import remat_module
 
 tied_remat = functools.partial(remat_module, policy=None)
 
-DENSE_HEADS = (ClassifierHead, FCHead, MobileNetV3Head)
+DENSE_HEADS = (ClassifierHead, FCHead, LayerNormHead, MobileNetV3Head)
 
 
 def remat_blocks(module: nn.Module, policy=None) -> nn.Module:
@@ -26,9 +27,9 @@ def remat_blocks(module: nn.Module, policy=None) -> nn.Module:
     `block_def`; composition modules (Classifier, Segmenter) are recursed into through
     their Module fields; another module's Module-class fields (an injected `block`) are
     wrapped. Left alone: the pool-then-dense classification heads (`DENSE_HEADS`:
-    ClassifierHead, FCHead, MobileNetV3Head), whose activations are per-image vectors,
-    nothing beside the feature maps. Any other module raises a ValueError naming it
-    rather than being silently kept whole.
+    ClassifierHead, FCHead, LayerNormHead, MobileNetV3Head), whose activations are
+    per-image vectors, nothing beside the feature maps. Any other module raises a
+    ValueError naming it rather than being silently kept whole.
 
     With `policy=None` blocks use `tied_checkpoint` (effective on every backend, CPU
     included). A `jax.checkpoint_policies` policy uses `jax.checkpoint` instead, for what

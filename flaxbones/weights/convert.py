@@ -42,6 +42,8 @@ def _leaf(torch_leaf: str, leaves: dict) -> tuple[str, str] | None:
         return "batch_stats", "mean"
     if torch_leaf == "running_var":
         return "batch_stats", "var"
+    if torch_leaf == "gamma" and "layer_scale" in params:  # timm's name for a layer scale
+        return "params", "layer_scale"
     if torch_leaf in params:  # a bare nn.Parameter (SSD's `scale_weight`): the same name
         return "params", torch_leaf
     return None
@@ -52,6 +54,8 @@ def _to_flax_layout(value: np.ndarray, name: str) -> np.ndarray:
         return value.transpose(2, 3, 1, 0)
     if name == "kernel" and value.ndim == 2:  # dense (out, in) -> (in, out)
         return value.T
+    if name == "layer_scale":  # torchvision's (C, 1, 1) per-channel scale -> (C,)
+        return value.reshape(-1)
     return value
 
 
