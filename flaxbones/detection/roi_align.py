@@ -58,6 +58,22 @@ def _geometry(boxes, scale, output_size, aligned):
     return x0, y0, bw, bh
 
 
+def _sample_grid(bin_w, bin_h, sampling_ratio, max_grid):
+    """Samples per bin (gy, gx) and their static slot counts (sy, sx): `sampling_ratio` when
+    positive, else torchvision's adaptive ceil(bin size), capped at the static `max_grid`."""
+    if sampling_ratio > 0:
+        return (sampling_ratio,) * 4
+    sy, sx = max_grid
+    gy = jnp.minimum(jnp.ceil(bin_h).astype(jnp.int32), sy)
+    gx = jnp.minimum(jnp.ceil(bin_w).astype(jnp.int32), sx)
+    return gy, gx, sy, sx
+
+
+def _sample_count(grid):
+    """A grid's sample count as a divisor: a float when static, else >= 1 per roi."""
+    return float(grid) if isinstance(grid, int) else jnp.maximum(grid, 1).astype(jnp.float32)
+
+
 def _axis_matrix(start, bin_size, grid, bins, slots, length: int):
     """(..., bins, length): each bin's mean of its samples' bilinear weights on the cells of
     one axis (the factor of the roi's sample mean along this axis; 0 where nothing samples)."""
@@ -66,8 +82,8 @@ def _axis_matrix(start, bin_size, grid, bins, slots, length: int):
     cells = jnp.arange(length, dtype=jnp.int32)
     onto = lambda i, w: jnp.where(i[..., None] == cells, w[..., None], 0.0)
     m = jnp.sum(onto(low, w_low) + onto(high, w_high), axis=-2)
-    count = float(grid) if isinstance(grid, int) else jnp.maximum(grid, 1).astype(jnp.float32)
-    return m / (count if isinstance(grid, int) else count[..., None, None])
+    count = _sample_count(grid)
+    return m / (count if isinstance(count, float) else count[..., None, None])
 
 
 def _roi_align_matmul(features, boxes, scale: float, output_size, sampling_ratio, aligned,
@@ -77,12 +93,7 @@ def _roi_align_matmul(features, boxes, scale: float, output_size, sampling_ratio
     oh, ow = output_size
     n, h, w, c = features.shape
     x0, y0, bw, bh = _geometry(boxes, scale, output_size, aligned)
-    if sampling_ratio > 0:
-        gy = gx = sy = sx = sampling_ratio
-    else:
-        sy, sx = max_grid
-        gy = jnp.minimum(jnp.ceil(bh).astype(jnp.int32), sy)
-        gx = jnp.minimum(jnp.ceil(bw).astype(jnp.int32), sx)
+    gy, gx, sy, sx = _sample_grid(bw, bh, sampling_ratio, max_grid)
     rows = _axis_matrix(y0, bh, gy, oh, sy, h)
     cols = _axis_matrix(x0, bw, gx, ow, sx, w)
     if keep is not None:
@@ -100,14 +111,10 @@ def _roi_align_flat(flat, base, heights, widths, scale, boxes, output_size, samp
     gathers live at once."""
     oh, ow = output_size
     x0, y0, bw, bh = _geometry(boxes, scale, output_size, aligned)
-    if sampling_ratio > 0:
-        gy = gx = sy = sx = sampling_ratio
-        count = float(sampling_ratio * sampling_ratio)
-    else:
-        sy, sx = max_grid
-        gy = jnp.minimum(jnp.ceil(bh).astype(jnp.int32), sy)
-        gx = jnp.minimum(jnp.ceil(bw).astype(jnp.int32), sx)
-        count = jnp.maximum(gy * gx, 1).astype(jnp.float32)[..., None, None, None]
+    gy, gx, sy, sx = _sample_grid(bw, bh, sampling_ratio, max_grid)
+    count = _sample_count(gy) * _sample_count(gx)
+    if not isinstance(count, float):
+        count = count[..., None, None, None]
     ylo, yhi, wyl, wyh = _axis_taps(y0, bh, gy, oh, sy, heights)
     xlo, xhi, wxl, wxh = _axis_taps(x0, bw, gx, ow, sx, widths)
     row = lambda y: (base[..., None] + y * widths[..., None])[..., :, None]
