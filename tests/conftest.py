@@ -28,3 +28,51 @@ def _remove_module_temp_dirs(tmp_path_factory):
     yield
     for path in set(base.iterdir()) - before:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- scheduling over the xdist workers (`--dist loadgroup --no-loadscope-reorder`) -------
+# A test module is one unit of work (its module fixtures compile once), but for the two
+# modules whose tests compile independent programs: experiments' configs and remat's
+# models split into a unit each. Units run largest first (seconds measured on a cold
+# cache, 2-core CI machine), so neither worker is left with a long module at the end.
+_UNIT_SECONDS = {
+    "test_experiments.py": 430, "test_detection_rcnn.py": 250,
+    "test_detection_train_engine.py": 170, "test_checkpoint.py": 165,
+    "test_detection_rcnn_train.py": 155, "test_convnext.py": 80, "test_train_parallel.py": 100,
+    "test_benchmarks.py": 85, "test_detection_onestage_train.py": 80,
+    "test_detection_train_parallel.py": 70,
+    "config:cityscapes_deeplabv3plus_xception65": 180, "config:finetune_maskrcnn_from_coco": 95,
+    "config:coco_maskrcnn_resnet50_fpn": 90, "config:coco_fasterrcnn_mobilenet_v3_large_fpn": 85,
+    "config:demo": 75, "config:coco_retinanet_resnet50_fpn": 65, "config:shapes_classifier": 60,
+    "config:shapes_maskrcnn": 55, "config:pet_deeplabv3plus_resnet50": 55,
+    "config:imagenet_resnet50": 50, "config:cifar10_resnet18": 25,
+    "remat:googlenet": 75, "remat:mobilenet_v3_small": 65, "remat:xception": 55,
+    "remat:xception65_scan": 50, "remat:demo": 50, "remat:mobilenet_v2_050": 45,
+}
+_CONFIG_UNIT = {"transfer_shapes_from_classifier": "shapes_classifier"}
+
+
+def _work_unit(item) -> str:
+    module = item.path.name
+    param = getattr(item, "callspec", None) and item.callspec.params.get("name")
+    if module == "test_experiments.py" and item.originalname == "test_config_trains_and_evaluates":
+        if param != "tiny":  # the tiny config shares the module's `trained` run
+            return f"config:{_CONFIG_UNIT.get(param, param)}"
+    if module == "test_experiments.py" and "classifier_top5" in item.name:
+        return "config:shapes_classifier"
+    if module == "test_experiments.py" and "predict_detector" in item.name:
+        return "config:shapes_maskrcnn"
+    if module == "test_remat.py" and param:
+        return f"remat:{param}"
+    return module
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    units = {}
+    for item in items:
+        unit = _work_unit(item)
+        item.add_marker(pytest.mark.xdist_group(unit))
+        units.setdefault(unit, []).append(item)
+    order = sorted(units, key=lambda u: -_UNIT_SECONDS.get(u, 0))  # stable: the rest as found
+    items[:] = [item for unit in order for item in units[unit]]

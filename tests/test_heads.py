@@ -117,7 +117,7 @@ def test_fpn_matches_torchvision(extra):
 # --- the backbone x head matrix -------------------------------------------------------
 
 SIZE = (45, 61)
-TRACE_SIZE = (65, 77)  # odd, and at least the 63 px AlexNet needs (torchvision's minimum)
+TRACE_SIZE = (79, 83)  # odd, and at least the 75 px Inception v3 needs (torchvision's minimum)
 
 
 def _fake_features(infos):
@@ -135,9 +135,14 @@ def _head_logits_shape(head, infos):
 
 @pytest.mark.parametrize("backbone", fb.list_backbones())
 def test_every_backbone_with_every_head(backbone):
-    """Each head built on `backbone` by name (composition checked at construction) and
-    traced on feature shapes from its feature_info; whole segmenters are traced end to end
-    at an odd input size for every head on resnet18 and one head per other family."""
+    """Each head built on `backbone` by name (composition checked at construction); on
+    resnet18 and the first name of every other family each head is also traced on feature
+    shapes from its feature_info (a family's names differ only in widths and depths), and
+    whole segmenters are traced end to end at an odd input size, every head on resnet18
+    and one head per other family."""
+    family = fb.get_spec(backbone).family
+    first = min((n for n in fb.list_backbones() if fb.get_spec(n).family == family),
+                key=lambda n: (len(n), n))
     built = {}
     for head in HEADS:
         try:
@@ -148,17 +153,19 @@ def test_every_backbone_with_every_head(backbone):
             continue
         infos = tuple(model.backbone.feature_info)
         for module in (model.head, model.aux_head):
-            if module is not None:
+            if module is not None and backbone in ("resnet18", first):
                 shape = _head_logits_shape(module, infos)
                 finest = min(f.stride for f in infos if f.name in module.levels)
                 assert shape[0] == 1 and shape[-1] == 5, (head, shape)
                 assert shape[1] >= -(-SIZE[0] // finest), (head, shape)
         built[head] = model
-    assert built, f"{backbone} composes with no head"
+    if not built:  # only a single-level backbone (a plain ViT) or one without C5
+        # (SqueezeNet) may be refused by every head at its defaults; their own tests build
+        # heads on the levels they have
+        levels = [f.name for f in fb.create_backbone(backbone).feature_info]
+        assert len(levels) == 1 or "C5" not in levels, f"{backbone} composes with no head"
+        return
     families = sorted({fb.get_spec(n).family for n in fb.list_backbones()})
-    family = fb.get_spec(backbone).family
-    first = min((n for n in fb.list_backbones() if fb.get_spec(n).family == family),
-                key=lambda n: (len(n), n))
     if backbone == "resnet18":
         whole = list(built.values())
     elif backbone == first:  # one whole segmenter per other family, heads in rotation
