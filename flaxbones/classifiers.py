@@ -7,8 +7,11 @@ import dataclasses
 from functools import partial
 from typing import Callable
 
+from flax import linen as nn
+
 from flaxbones.heads.classification import (ClassifierHead, FCHead, GoogLeNetAux,
-                                            LayerNormHead, MobileNetV3Head)
+                                            InceptionV3Aux, LayerNormHead, MaxVitHead,
+                                            MobileNetV3Head, SqueezeNetHead)
 from flaxbones.layers import normal_001
 from flaxbones.models import Classifier
 from flaxbones.registry import register_classifier
@@ -79,3 +82,29 @@ register_classifier(("googlenet",), ClassifierPreset(
     ClassifierHead.torch_rules("fc") + GoogLeNetAux.torch_rules(), GoogLeNetAux))
 register_classifier(("convnext_*",),
                     ClassifierPreset(LayerNormHead, LayerNormHead.torch_rules()))
+register_classifier(("regnet_*",), ClassifierPreset(
+    partial(ClassifierHead, kernel_init=normal_001), ClassifierHead.torch_rules("fc")))
+register_classifier(("swin_*",), ClassifierPreset(
+    partial(LayerNormHead, norm_first=True, epsilon=1e-5),
+    LayerNormHead.torch_rules("norm", "head")))
+register_classifier(("densenet*",), _fc("classifier"))
+register_classifier(("maxvit_*",), ClassifierPreset(MaxVitHead, MaxVitHead.torch_rules()))
+register_classifier(("shufflenet_v2_*",), _fc("fc"))
+register_classifier(("inception_v3",), ClassifierPreset(
+    partial(ClassifierHead, kernel_init=nn.initializers.normal(0.1)),
+    ClassifierHead.torch_rules("fc") + InceptionV3Aux.torch_rules(), InceptionV3Aux))
+register_classifier(("squeezenet*",),
+                    ClassifierPreset(SqueezeNetHead, SqueezeNetHead.torch_rules()))
+# ViTs classify the final-normed class token (torchvision's head weights start at zero).
+_VIT_HEAD = partial(ClassifierHead, feature="class_token", kernel_init=nn.initializers.zeros)
+register_classifier(("vit_b_*", "vit_l_*", "vit_h_*"), ClassifierPreset(
+    _VIT_HEAD, ClassifierHead.torch_rules(r"heads\.head")))
+register_classifier(("vit_*_patch*",), ClassifierPreset(
+    _VIT_HEAD, ClassifierHead.torch_rules("head")))
+# torchvision's EfficientNet / MNASNet: dropout + Linear `classifier.1` (their Linear inits)
+register_classifier(("efficientnet_*",), ClassifierPreset(partial(
+    ClassifierHead, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_out", "uniform")),
+    ClassifierHead.torch_rules(r"classifier\.1")))
+register_classifier(("mnasnet*",), ClassifierPreset(partial(
+    ClassifierHead, kernel_init=nn.initializers.variance_scaling(1.0, "fan_out", "uniform")),
+    ClassifierHead.torch_rules(r"classifier\.1")))

@@ -48,12 +48,12 @@ def test_drop_path_in_train_mode_only(weights):
     """drop_path_rate > 0 draws from the 'dropout' rng in training (two keys differ) and is
     the identity at eval."""
     variables = fb.load_pretrained("convnext_tiny", weights)
-    model = fb.create_model("convnext_tiny", drop_path_rate=0.5)
+    model = fb.create_model("convnext_tiny", drop_path_rate=0.5, cpu_kernels=False)
     x = IMAGES[:, :32, :32]
     run = jax.jit(lambda k: model.apply(variables, x, train=True, rngs={"dropout": k})["out"])
     a, b = run(jax.random.key(0)), run(jax.random.key(1))
     assert not np.allclose(a, b)
-    plain = fb.create_model("convnext_tiny")
+    plain = fb.create_model("convnext_tiny", cpu_kernels=False)
     evaluate = jax.jit(lambda m: m.apply(variables, x)["out"], static_argnums=0)
     np.testing.assert_array_equal(evaluate(model), evaluate(plain))
 
@@ -144,7 +144,8 @@ def test_scan_blocks_load_and_equal_unrolled_with_gradients(weights):
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(v_scan)):
         np.testing.assert_array_equal(a, b)
 
-    narrow = dict(widths=(8, 16, 24, 32), depths=(2, 2, 3, 2), drop_path_rate=0.5)
+    narrow = dict(widths=(8, 16, 24, 32), depths=(2, 2, 3, 2), drop_path_rate=0.5,
+                  cpu_kernels=False)  # lax's convolutions: scanning is what is tested
     plain, scanned = ConvNeXt(**narrow), ConvNeXt(**narrow, scan_blocks=True)
     x = jnp.asarray(IMAGES[:2, :32, :32])
     v = plain.init(jax.random.PRNGKey(0), x)

@@ -1,7 +1,9 @@
-"""ResNet, ResNeXt and Wide ResNet (torchvision v1.5 layout: stride on the 3x3 conv)."""
+"""ResNet, ResNeXt and Wide ResNet (torchvision v1.5 layout: stride on the 3x3 conv), and
+timm's ResNet-D (deep 3x3 stem, average-pool shortcut downsampling)."""
 from functools import partial
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxbones.backbones.base import Backbone, option
@@ -12,8 +14,19 @@ from flaxbones.scan import scan_repeat
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
 
 
-def _downsample(x, features, stride, conv, norm):
-    """The 1x1 conv + BN projection shortcut (torch's `downsample.0/.1`)."""
+def _downsample(x, features, stride, conv, norm, avg_down=False, dilation=1):
+    """The 1x1 conv + BN projection shortcut (torch's `downsample.0/.1`); with `avg_down`
+    (ResNet-D, timm's `downsample.1/.2`) a stride-1 conv after timm's 2x2 average pool:
+    stride 2 with ceil_mode (a partial edge window averages what it covers), or, in a
+    dilated stage, stride 1 with one zero row and column padded after ('same')."""
+    if avg_down and dilation > 1:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        x = nn.avg_pool(x, (2, 2), padding="VALID")
+    elif avg_down and stride > 1:
+        pads = tuple((0, n % 2) for n in x.shape[1:3])
+        x = nn.avg_pool(x, (2, 2), (2, 2), padding=pads, count_include_pad=False)
+    if avg_down:
+        stride = 1
     x = conv(features, (1, 1), (stride, stride), padding="VALID", name="downsample_conv")(x)
     return norm(name="downsample_bn")(x)
 
@@ -27,6 +40,7 @@ class BasicBlock(nn.Module):
     dilation: int = 1
     groups: int = 1
     base_width: int = 64
+    avg_down: bool = False
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     expansion = 1
@@ -43,7 +57,7 @@ class BasicBlock(nn.Module):
                       kernel_dilation=(d2, d2), name="conv2")(y)
         y = self.norm(name="bn2")(y)
         if s != 1 or x.shape[-1] != self.planes:
-            x = _downsample(x, self.planes, s, self.conv, self.norm)
+            x = _downsample(x, self.planes, s, self.conv, self.norm, self.avg_down, d2)
         return nn.relu(y + x)
 
 
@@ -56,6 +70,7 @@ class Bottleneck(nn.Module):
     dilation: int = 1
     groups: int = 1
     base_width: int = 64
+    avg_down: bool = False
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     expansion = 4
@@ -71,7 +86,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.norm(name="bn3")(self.conv(out, (1, 1), padding="VALID", name="conv3")(y))
         if s != 1 or x.shape[-1] != out:
-            x = _downsample(x, out, s, self.conv, self.norm)
+            x = _downsample(x, out, s, self.conv, self.norm, self.avg_down, self.dilation)
         return nn.relu(y + x)
 
 
@@ -81,6 +96,9 @@ class ResNet(Backbone):
     `output_stride` 8/16/32 dilates the last stages (torchvision semantics, also for
     basic-block ResNets); `multi_grid` multiplies the last stage's per-block dilation as
     DeepLab does (e.g. (1, 2, 4)). `axis_name` syncs BatchNorm under `pmap`.
+    `deep_stem` replaces the 7x7 stem conv by three 3x3 convs of `stem_width`, `stem_width`
+    and 2 x `stem_width` channels (timm's `conv1.0/.3/.6`); `avg_down` downsamples shortcuts
+    by average pooling before their 1x1 conv: with both, timm's ResNet-D.
     `scan_blocks` runs the identical blocks 1.. of each stage in one `nn.scan` named
     `layerI_scan` (not layer4 under `multi_grid`): same numerics, far faster compiles;
     `flaxbones.scan` converts variables between the two forms.
@@ -90,6 +108,9 @@ class ResNet(Backbone):
     layers: Sequence[int]
     groups: int = 1
     width_per_group: int = 64
+    deep_stem: bool = False
+    stem_width: int = 64
+    avg_down: bool = False
     scan_blocks: bool = option(False)
 
     @nn.nowrap
@@ -108,10 +129,14 @@ class ResNet(Backbone):
         return plan_output_stride((2, 2, 1, 2, 2, 2), self.output_stride)
 
     @property
+    def _stem_channels(self) -> int:
+        return 2 * self.stem_width if self.deep_stem else self.stem_width
+
+    @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
         plans, stride = self._plans(), 1
         strides = [stride := stride * p.stride for p in plans]
-        widths = [64] + [w * self.block.expansion for w in (64, 128, 256, 512)]
+        widths = [self._stem_channels] + [w * self.block.expansion for w in (64, 128, 256, 512)]
         stage_strides = [strides[0]] + strides[2:]
         infos = [FeatureInfo(f"C{i + 1}", s, c) for i, (s, c) in enumerate(zip(stage_strides, widths))]
         return select_features(infos, self.out_features)
@@ -122,14 +147,22 @@ class ResNet(Backbone):
         info = self.feature_info
         conv = self.conv_def()
         norm = self.norm_def(train)
-        x = conv(64, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
+        if self.deep_stem:
+            for i, (width, stride) in enumerate(((self.stem_width, 2), (self.stem_width, 1))):
+                x = conv(width, (3, 3), (stride, stride), padding=torch_padding(3),
+                         name=f"conv1_{3 * i}")(x)
+                x = nn.relu(norm(name=f"conv1_{3 * i + 1}")(x))
+            x = conv(self._stem_channels, (3, 3), padding=torch_padding(3), name="conv1_6")(x)
+        else:
+            x = conv(self._stem_channels, (7, 7), (2, 2), padding=torch_padding(7), name="conv1")(x)
         feats = {"C1": nn.relu(norm(name="bn1")(x))}
         x = self.pool_def()(feats["C1"], 3, 2, padding=1)
         plans = self._plans()[2:]
         scanned = self.scan_groups() if self.scan_blocks else {}
         for i, (blocks, planes, plan) in enumerate(zip(self.layers, (64, 128, 256, 512), plans)):
             block = partial(self.block_def(self.block), planes, groups=self.groups,
-                            base_width=self.width_per_group, conv=conv, norm=norm)
+                            base_width=self.width_per_group, avg_down=self.avg_down,
+                            conv=conv, norm=norm)
             for j in range(blocks):
                 first, dil = (plan.first_dilation if j == 0 else plan.dilation), plan.dilation
                 if self.multi_grid is not None and i == 3:
@@ -158,6 +191,20 @@ TORCH_RESNET = WeightSource(
 )
 
 
+# timm's ResNet-D: the deep stem `conv1.0/.1/.3/.4/.6`, and `downsample.1/.2` after the pool.
+TIMM_RESNET_D = WeightSource(
+    "timm",
+    rules=(
+        (r"conv1\.(\d)", r"backbone/conv1_\1"),
+        (r"bn1", r"backbone/bn1"),
+        (r"layer(\d)\.(\d+)\.(conv\d|bn\d)", r"backbone/layer\1_\2/\3"),
+        (r"layer(\d)\.(\d+)\.downsample\.1", r"backbone/layer\1_\2/downsample_conv"),
+        (r"layer(\d)\.(\d+)\.downsample\.2", r"backbone/layer\1_\2/downsample_bn"),
+    ),
+    **TORCH_IMAGENET,
+)
+
+
 register_variants("resnet", weights=TORCH_RESNET, variants={
     "resnet18": partial(ResNet, block=BasicBlock, layers=(2, 2, 2, 2)),
     "resnet34": partial(ResNet, block=BasicBlock, layers=(3, 4, 6, 3)),
@@ -169,3 +216,8 @@ register_variants("resnet", weights=TORCH_RESNET, variants={
     "wide_resnet50_2": partial(ResNet, block=Bottleneck, layers=(3, 4, 6, 3), width_per_group=128),
     "wide_resnet101_2": partial(ResNet, block=Bottleneck, layers=(3, 4, 23, 3), width_per_group=128),
 })
+
+register_variants("resnet", weights=TIMM_RESNET_D, variants={
+    name: partial(ResNet, block=Bottleneck, layers=layers, deep_stem=True, stem_width=32,
+                  avg_down=True)
+    for name, layers in (("resnet50d", (3, 4, 6, 3)), ("resnet101d", (3, 4, 23, 3)))})

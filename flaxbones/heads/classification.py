@@ -23,7 +23,8 @@ def _dense(features, fan_in, dtype, param_dtype, kernel_init=torch_default_init,
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool of `feature` (default: the deepest C-level), dropout, dense `fc`.
+    """Global average pool of `feature` (default: the deepest C-level; a (N, C) feature such
+    as a ViT's `class_token` is taken as it is), dropout, dense `fc`.
 
     `num_classes=0` returns the pooled features (timm's `reset_classifier(0)`).
     """
@@ -42,7 +43,8 @@ class ClassifierHead(nn.Module):
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
         levels = [name for name in features if name in LEVELS] or list(features)
-        x = global_avg_pool(features[self.feature or max(levels)])
+        x = features[self.feature or max(levels)]
+        x = global_avg_pool(x) if x.ndim == 4 else x  # a vector already: a ViT's class token
         if self.num_classes == 0:
             return x
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -133,11 +135,14 @@ class MobileNetV3Head(nn.Module):
 
 
 class LayerNormHead(nn.Module):
-    """torchvision's ConvNeXt classifier: pool C5 -> LayerNorm (eps 1e-6) -> `fc`.
-    `num_classes=0` returns the normalised pooled features (timm's pre-logits)."""
+    """torchvision's ConvNeXt classifier: pool C5 -> LayerNorm (eps 1e-6) -> `fc`; with
+    `norm_first` (Swin's, eps 1e-5) LayerNorm over C5's map, then pool. `num_classes=0`
+    returns the normalised pooled features (timm's pre-logits)."""
 
     num_classes: int
     drop_rate: float = 0.0
+    norm_first: bool = False
+    epsilon: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -145,9 +150,10 @@ class LayerNormHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: dict, train: bool = False):
-        x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="norm")(
-            global_avg_pool(features["C5"]))
+        norm = nn.LayerNorm(epsilon=self.epsilon, use_fast_variance=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name="norm")
+        x = features["C5"]
+        x = global_avg_pool(norm(x)) if self.norm_first else norm(global_avg_pool(x))
         if self.num_classes == 0:
             return x
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -155,8 +161,37 @@ class LayerNormHead(nn.Module):
                       zero_bias=True, name="fc")(x)
 
     @staticmethod
+    def torch_rules(norm: str = r"classifier\.0", fc: str = r"classifier\.2") -> tuple:
+        return ((norm, "head/norm"), (fc, "head/fc"))
+
+
+class MaxVitHead(LayerNormHead):
+    """torchvision's MaxViT classifier: pool the deepest C-level -> LayerNorm (eps 1e-5) ->
+    `pre_logits` Linear + tanh -> `fc` (no bias); N(0, 0.02) linears. `num_classes=0`
+    returns the tanh features (timm's pre-logits). A LayerNormHead, so
+    `train.remat_blocks` leaves it alone."""
+
+    epsilon: float = 1e-5
+
+    levels = ()
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(0.02))
+        x = global_avg_pool(features[max(name for name in features if name in LEVELS)])
+        x = nn.LayerNorm(epsilon=self.epsilon, use_fast_variance=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="norm")(x)
+        x = jnp.tanh(dense(x.shape[-1], name="pre_logits")(x))
+        if self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        return dense(self.num_classes, use_bias=False, name="fc")(x)
+
+    @staticmethod
     def torch_rules() -> tuple:
-        return ((r"classifier\.0", "head/norm"), (r"classifier\.2", "head/fc"))
+        return ((r"classifier\.2", "head/norm"), (r"classifier\.3", "head/pre_logits"),
+                (r"classifier\.5", "head/fc"))
 
 
 class InceptionAux(nn.Module):
@@ -213,3 +248,76 @@ class GoogLeNetAux(ConvNormModule):
     def torch_rules() -> tuple:
         return ((r"(aux\d)\.conv\.(conv|bn)", r"aux_head/\1/conv/\2"),
                 (r"(aux\d)\.(fc\d)", r"aux_head/\1/\2"))
+
+
+class InceptionV3Aux(ConvNormModule):
+    """torchvision's Inception v3 auxiliary classifier on `feature` (Mixed_6e):
+    {'aux': logits} in train and eval mode alike. 5x5 stride-3 average pool, 1x1
+    conv-BN-ReLU (128), 5x5 VALID conv-BN-ReLU (768), global pool, `fc`. It needs a
+    17x17 input map (images of about 299 px); smaller raise, build with aux_logits=False.
+    BatchNorm settings (epsilon 1e-3 as torchvision) follow the backbone's; `drop_rate` is
+    unused (torchvision's aux head has no dropout)."""
+
+    num_classes: int
+    drop_rate: float | None = None
+    feature: str = "C4"
+
+    conv_init = staticmethod(nn.initializers.normal(0.1))
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return (self.feature,)
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        if self.num_classes < 1:
+            raise ValueError("Inception v3's auxiliary classifier needs num_classes >= 1; "
+                             "build with aux_logits=False for pooled features")
+        x = features[self.feature]
+        if min(x.shape[1:3]) < 17:
+            raise ValueError(f"Inception v3's auxiliary classifier needs a 17x17 {self.feature} "
+                             f"map (about 299 px images), got {x.shape[1]}x{x.shape[2]}; "
+                             "build with aux_logits=False for smaller images")
+        norm = self.norm_def(train)
+        x = nn.avg_pool(x, (5, 5), (3, 3))
+        x = nn.relu(norm(name="conv0_bn")(self.conv_def()(128, (1, 1), name="conv0_conv")(x)))
+        x = self.conv_def(kernel_init=normal_001)(768, (5, 5), padding="VALID",
+                                                  name="conv1_conv")(x)
+        x = global_avg_pool(nn.relu(norm(name="conv1_bn")(x)))
+        return {"aux": _dense(self.num_classes, 768, self.dtype, self.param_dtype,
+                              nn.initializers.normal(0.001), name="fc")(x)}
+
+    @staticmethod
+    def torch_rules() -> tuple:
+        return ((r"AuxLogits\.(conv\d)\.(conv|bn)", r"aux_head/\1_\2"),
+                (r"AuxLogits\.fc", "aux_head/fc"))
+
+
+class SqueezeNetHead(ConvNormModule):
+    """torchvision's SqueezeNet classifier: dropout, 1x1 conv `final_conv` (with bias) to
+    the classes, ReLU, global average pool, on `feature` (the deepest level, C4).
+    `num_classes=0` returns the pooled features. A ConvNormModule (its conv built by
+    `conv_def`) so `train.remat_blocks` accepts it."""
+
+    num_classes: int
+    drop_rate: float = 0.0
+    feature: str = "C4"
+
+    conv_init = staticmethod(normal_001)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return (self.feature,)
+
+    @nn.compact
+    def __call__(self, features: dict, train: bool = False):
+        x = features[self.feature]
+        if self.num_classes == 0:
+            return global_avg_pool(x)
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        x = self.conv_def(use_bias=True)(self.num_classes, (1, 1), name="final_conv")(x)
+        return global_avg_pool(nn.relu(x))
+
+    @staticmethod
+    def torch_rules() -> tuple:
+        return ((r"classifier\.1", "head/final_conv"),)

@@ -5,6 +5,7 @@ from flax import linen as nn
 
 from flaxbones.layers.conv import ConvNormAct, ModuleDef
 from flaxbones.layers.cpu_conv import Conv
+from flaxbones.layers.drop_path import drop_path
 from flaxbones.layers.norm import BatchNorm
 
 
@@ -25,7 +26,8 @@ class InvertedResidual(nn.Module):
     `expand` exists only when `expanded` differs from the input width (torchvision's
     expand_ratio 1); the identity is added when stride is 1 and widths match. Dilation
     applies to the depthwise conv, the only spatial one. `se` is a constructor such as
-    `partial(SqueezeExcite, channels=...)`.
+    `partial(SqueezeExcite, channels=...)`. `drop_path_rate` is the stochastic depth of
+    the residual branch (EfficientNet), active with `train` and the 'dropout' rng.
     """
 
     out_channels: int
@@ -37,6 +39,8 @@ class InvertedResidual(nn.Module):
     se: ModuleDef | None = None
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
+    drop_path_rate: float = 0.0
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -50,5 +54,5 @@ class InvertedResidual(nn.Module):
             y = self.se(name="se")(y)
         y = ConvNormAct(self.out_channels, 1, act=None, name="project", **block)(y)
         if self.stride == 1 and x.shape[-1] == self.out_channels:
-            y = y + x
+            y = drop_path(self, y, self.drop_path_rate, self.train) + x
         return y

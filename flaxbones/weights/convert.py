@@ -7,6 +7,9 @@ import numpy as np
 from flax import traverse_util
 
 _MAX_LISTED = 10
+# A rule template that drops the source keys its pattern matches (whole keys, leaf included):
+# constant buffers the model recomputes (Swin's `attn.relative_position_index`).
+DROP = "<drop>"
 
 
 @dataclasses.dataclass
@@ -23,15 +26,23 @@ class LoadReport:
 def map_module_path(module: str, rules) -> str | None:
     """The flax module path for a torch module path: the first rule that matches it whole."""
     for pattern, template in rules:
-        m = re.fullmatch(pattern, module)
+        m = None if template == DROP else re.fullmatch(pattern, module)
         if m:
             return m.expand(template)
     return None
 
 
+# Source leaf names read as others: torch's nn.MultiheadAttention packed projection, and
+# timm's ViT names for torchvision's class token and position embedding.
+_LEAF_ALIASES = {"in_proj_weight": "weight", "in_proj_bias": "bias",
+                 "cls_token": "class_token", "pos_embed": "pos_embedding"}
+
+
 def _leaf(torch_leaf: str, leaves: dict) -> tuple[str, str] | None:
     """(collection, name) of the flax leaf that a torch leaf fills in a module with `leaves`."""
     params = leaves.get("params", {})
+    if torch_leaf not in params and torch_leaf in _LEAF_ALIASES:
+        torch_leaf = _LEAF_ALIASES[torch_leaf]
     if torch_leaf == "weight":
         for name in ("kernel", "scale", "embedding"):
             if name in params:
@@ -82,9 +93,10 @@ def convert_state_dict(state: dict, target: dict, rules, skip_prefixes=()) -> tu
     def skipped(flax_key):
         return any(flax_key.split("/", 1)[1].startswith(p) for p in skip_prefixes)
 
+    dropped = [pattern for pattern, template in rules if template == DROP]
     for key, value in state.items():
         module, _, torch_leaf = key.rpartition(".")
-        if torch_leaf == "num_batches_tracked":
+        if torch_leaf == "num_batches_tracked" or any(re.fullmatch(p, key) for p in dropped):
             continue
         path = map_module_path(module, rules)
         leaf = _leaf(torch_leaf, modules[path]) if path in modules else None
