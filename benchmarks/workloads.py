@@ -35,6 +35,8 @@ WORKLOADS = {w.name: w for w in (
     _classifier("resnet101", "torchvision:resnet101"),
     _classifier("xception65", "timm:xception65"),
     _classifier("mobilenet_v2", "torchvision:mobilenet_v2"),
+    _classifier("convnext_tiny", "torchvision:convnext_tiny"),
+    _classifier("vit_b_16", "torchvision:vit_b_16"),
     _segmenter("deeplabv3plus_resnet101", "deeplabv3plus:resnet101"),
     _segmenter("deeplabv3plus_xception65", "deeplabv3plus:xception65"),
     # experiments/configs/cifar10_resnet18.py: small images, so layer4 runs at 2x2
