@@ -1,5 +1,6 @@
 """experiments/: every config trains and evaluates, a run resumes, pictures, predict, bad input."""
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -40,7 +41,11 @@ TEST_MODEL_KWARGS = dict(cpu_kernels=False)
 CPU_KERNEL_CONFIGS = ("demo", "tiny")
 
 
+@functools.cache
 def load_module(name):
+    """experiments/`name`.py as a module, executed once per process: train.py and
+    predict.py define absl flags, and this module's tests run in several units of work
+    (tests/conftest.py), so its module fixtures may be set up more than once."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
