@@ -48,6 +48,16 @@ def plan_output_stride(strides: Sequence[int], output_stride: int,
     return plans
 
 
+def halving_levels(plans: Sequence[StridePlan], channels: Sequence[int]):
+    """C1, C2, ... of a network that halves its resolution once per level, the actual
+    strides from `plans` (one per level)."""
+    infos, stride = [], 1
+    for k, (plan, width) in enumerate(zip(plans, channels)):
+        stride *= plan.stride
+        infos.append(FeatureInfo(f"C{k + 1}", stride, width))
+    return infos
+
+
 def select_features(infos: Sequence[FeatureInfo], out_features: Sequence[str] | None):
     """The FeatureInfos named by `out_features` (all when None), checked against `infos`."""
     if out_features is None:

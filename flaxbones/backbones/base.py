@@ -3,7 +3,7 @@ from typing import Sequence
 
 from flax import linen as nn
 
-from flaxbones.features import FeatureInfo
+from flaxbones.features import FeatureInfo, plan_output_stride, sequence_taps
 from flaxbones.layers.module import ConvNormModule, option
 
 
@@ -51,4 +51,20 @@ class Backbone(ConvNormModule):
         raise NotImplementedError
 
 
-__all__ = ["Backbone", "option"]
+class UnitSequence:
+    """Mixin for a backbone built as one flat sequence of units (torchvision's `features`):
+    it lists `_units`, (name, nominal stride, channels) each, and gets its stride plans,
+    taps (`sequence_taps`) and `feature_info` from them."""
+
+    @property
+    def _taps(self):
+        names, strides, channels = zip(*self._units)
+        plans = plan_output_stride(strides, self.output_stride)
+        return plans, sequence_taps(strides, channels, plans, self.out_features, names)
+
+    @property
+    def feature_info(self) -> tuple[FeatureInfo, ...]:
+        return tuple(info for _, info in self._taps[1].values())
+
+
+__all__ = ["Backbone", "UnitSequence", "option"]

@@ -13,6 +13,7 @@ from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import (
     FeatureInfo,
     check_images,
+    halving_levels,
     plan_output_stride,
     select_features,
 )
@@ -110,13 +111,8 @@ class DenseNet(Backbone):
 
     @property
     def feature_info(self) -> tuple[FeatureInfo, ...]:
-        strides, s = [], 1
-        for plan in self._plans:
-            s *= plan.stride
-            strides.append(s)
         channels = (self.num_init_features, *self._widths())
-        infos = [FeatureInfo(f"C{k + 1}", strides[k], channels[k]) for k in range(5)]
-        return select_features(infos, self.out_features)
+        return select_features(halving_levels(self._plans, channels), self.out_features)
 
     @nn.compact
     def __call__(self, x, train: bool = False):

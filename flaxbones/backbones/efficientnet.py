@@ -7,8 +7,8 @@ from typing import Sequence
 
 from flax import linen as nn
 
-from flaxbones.backbones.base import Backbone, option
-from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
+from flaxbones.backbones.base import Backbone, UnitSequence, option
+from flaxbones.features import check_images
 from flaxbones.layers import ConvNormAct, InvertedResidual, SqueezeExcite, make_divisible
 from flaxbones.layers.conv import ModuleDef
 from flaxbones.layers.drop_path import drop_path
@@ -85,7 +85,7 @@ class FusedMBConv(nn.Module):
         return y
 
 
-class EfficientNet(Backbone):
+class EfficientNet(UnitSequence, Backbone):
     """EfficientNet V1/V2 backbone (torchvision's), SiLU throughout, SE squeezing to a
     quarter of each block's input width.
 
@@ -109,16 +109,6 @@ class EfficientNet(Backbone):
             units += [(f"features_{s}_{i}", stride if i == 0 else 1, c_out) for i in range(n)]
         last = self.last_channels or 4 * self.stages[-1][5]
         return units + [(f"features_{len(self.stages) + 1}", 1, last)]
-
-    @property
-    def _taps(self):
-        names, strides, channels = zip(*self._units)
-        plans = plan_output_stride(strides, self.output_stride)
-        return plans, sequence_taps(strides, channels, plans, self.out_features, names)
-
-    @property
-    def feature_info(self) -> tuple[FeatureInfo, ...]:
-        return tuple(info for _, info in self._taps[1].values())
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -6,8 +6,8 @@ from functools import partial
 
 from flax import linen as nn
 
-from flaxbones.backbones.base import Backbone, option
-from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
+from flaxbones.backbones.base import Backbone, UnitSequence, option
+from flaxbones.features import check_images
 from flaxbones.layers import ConvNormAct, InvertedResidual, make_divisible
 from flaxbones.registry import register_variants
 from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
@@ -18,7 +18,7 @@ STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), 
 LAST = 1280
 
 
-class MNASNet(Backbone):
+class MNASNet(UnitSequence, Backbone):
     """MNASNet backbone (torchvision's; BatchNorm torch momentum 0.0003, as the paper's TF
     0.9997). `alpha` scales every width but the last (rounded as torchvision).
 
@@ -39,16 +39,6 @@ class MNASNet(Backbone):
         for s, (_, stride, _, n) in enumerate(STACKS):
             units += [(f"layers_{8 + s}_{i}", stride if i == 0 else 1, d[s + 2]) for i in range(n)]
         return units + [("layers_14", 1, LAST)]
-
-    @property
-    def _taps(self):
-        names, strides, channels = zip(*self._units)
-        plans = plan_output_stride(strides, self.output_stride)
-        return plans, sequence_taps(strides, channels, plans, self.out_features, names)
-
-    @property
-    def feature_info(self) -> tuple[FeatureInfo, ...]:
-        return tuple(info for _, info in self._taps[1].values())
 
     @nn.compact
     def __call__(self, x, train: bool = False):
