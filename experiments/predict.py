@@ -45,8 +45,9 @@ class Prediction:
     """A classifier's `top` [(class name, or index when the dataset has no names,
     probability)], a segmenter's `mask` (H, W) class ids at the image's size, or a
     detector's `detections` [(class name or index, score, (x0, y0, x1, y1) pixels)] best
-    first and their `masks` (k, H, W) in [0, 1] (None without a mask head); `overlay` is
-    the PNG that shows a segmentation or the detections."""
+    first, their `masks` (k, H, W) in [0, 1] (None without a mask head) and `keypoints`
+    (k, K, 3) (x, y, visibility) in pixels (None without a keypoint head); `overlay` is the
+    PNG that shows a segmentation or the detections."""
 
     path: str
     top: list | None = None
@@ -54,6 +55,7 @@ class Prediction:
     overlay: pathlib.Path | None = None
     detections: list | None = None
     masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
 
 
 def read_image(path) -> np.ndarray:
@@ -162,7 +164,7 @@ def detect(model, variables, config, paths, images, output, score_thresh) -> lis
         target = pathlib.Path(output) / (pathlib.Path(path).stem + "_detections.png")
         pictures.save_detection_image(target, image, found, names)
         results.append(Prediction(
-            path, overlay=target, masks=found.get("masks"),
+            path, overlay=target, masks=found.get("masks"), keypoints=found.get("keypoints"),
             detections=[(names[k] if names else int(k), float(score),
                          tuple(float(v) for v in box))
                         for k, score, box in zip(found["labels"], found["scores"],
@@ -217,9 +219,12 @@ def describe_detections(p: Prediction, score_thresh: float) -> str:
     """'path: k detections with score >= t, drawn in png' then one line per detection."""
     count = f"{len(p.detections)} detection{'' if len(p.detections) == 1 else 's'}"
     lines = [f"{p.path}: {count} with score >= {score_thresh:g}, drawn in {p.overlay}"]
-    for name, score, box in p.detections:
+    for i, (name, score, box) in enumerate(p.detections):
         name = name if isinstance(name, str) else f"class {name}"
         lines.append(f"  {name:<12} {score:.3f}  box ({', '.join(f'{v:.1f}' for v in box)})")
+        if p.keypoints is not None:
+            lines[-1] += "  keypoints " + " ".join(
+                f"({x:.0f},{y:.0f})" if v > 0 else "-" for x, y, v in p.keypoints[i])
     return "\n".join(lines)
 
 

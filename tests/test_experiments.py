@@ -414,6 +414,35 @@ def test_predict_detector_prints_and_draws_each_image_one_compile_per_bucket(
         assert s > 1 and Image.open(png).size == (w * s, h * s)
 
 
+def test_predict_keypoint_detector_prints_and_draws_keypoints_in_the_image_frame(
+        predict, tmp_path):
+    """A Keypoint R-CNN through predict.py's detector path: each detection carries its
+    (17, 3) keypoints mapped to the image's own pixels, printed after its box and drawn."""
+    from PIL import Image
+
+    import flaxbones as fb
+    model = fb.create_model("keypointrcnn", backbone="resnet18", num_classes=2,
+                            fpn_channels=16, representation_size=32, keypoint_channels=8,
+                            cpu_kernels=False, **RCNN_TEST_SIZES)
+    images = [np.random.default_rng(0).integers(0, 255, (48, 80, 3), np.uint8)]
+    variables = jax.jit(lambda key: model.init(key, np.zeros((1, 64, 64, 3), np.float32),
+                                               np.int32([[64, 64]]), train=False))(
+        jax.random.key(0))
+    config = {"detection": {"min_size": 64, "max_size": 64}, "normalize_like": "resnet18",
+              "dataset": "no_such_dataset", "num_classes": 2}
+    [p] = predict.detect(model, variables, config, ["person.png"], images, tmp_path, 0.0)
+    assert p.keypoints.shape == (len(p.detections), 17, 3) and len(p.detections) > 0
+    assert (p.keypoints[..., 0] <= 80).all() and (p.keypoints[..., 1] <= 48).all()
+    lines = predict.describe_detections(p, 0.0).splitlines()[1:]
+    point = r"\((-?\d+),(-?\d+)\)"
+    for line, points in zip(lines, p.keypoints):
+        drawn = re.fullmatch(r"  class 1 +\d\.\d{3}  box \([-\d., ]+\)  keypoints (.*)",
+                             line).group(1).split(" ")
+        assert [tuple(map(int, re.fullmatch(point, d).groups())) for d in drawn] == [
+            (round(x), round(y)) for x, y, _ in points], line
+    assert Image.open(p.overlay).size[0] % 80 == 0
+
+
 def test_detection_run_stopped_and_resumed_in_a_new_process_is_bit_identical(data_dir, tmp_path):
     """The detection demo's recipe at test size (constant learning rate, so a shorter run is a
     prefix of the longer one): 4 steps straight, or 2 then 2 more in a new process, end in
