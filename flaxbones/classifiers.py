@@ -82,6 +82,8 @@ register_classifier(("googlenet",), ClassifierPreset(
     ClassifierHead.torch_rules("fc") + GoogLeNetAux.torch_rules(), GoogLeNetAux))
 register_classifier(("convnext_*",),
                     ClassifierPreset(LayerNormHead, LayerNormHead.torch_rules()))
+register_classifier(("convnextv2_*",), ClassifierPreset(
+    LayerNormHead, LayerNormHead.torch_rules(r"head\.norm", r"head\.fc")))
 register_classifier(("regnet_*",), ClassifierPreset(
     partial(ClassifierHead, kernel_init=normal_001), ClassifierHead.torch_rules("fc")))
 register_classifier(("swin_*",), ClassifierPreset(

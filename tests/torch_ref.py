@@ -64,3 +64,13 @@ def assert_close(actual, expected, rel: float = 1e-4, what: str = ""):
     err, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
     assert err <= rel * max(scale, 1e-12), f"{what}: max abs diff {err:.3g} > {rel} x {scale:.3g}"
     return err / max(scale, 1e-12)
+
+
+def random_variables(model, x, seed: int = 0, scale: float = 0.2):
+    """Variables of `model`'s shapes filled from numpy: kernels N(0, scale), vectors (biases,
+    norms' scales, layer scales) 1 + N(0, scale). Skips compiling `init`, which costs more
+    than the test's own program for a narrow model on CPU."""
+    import jax
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(lambda a: (rng.randn(*a.shape) * scale + (a.ndim == 1)).astype(
+        np.float32), jax.eval_shape(model.init, jax.random.PRNGKey(0), x))

@@ -1,7 +1,10 @@
 """ConvNeXt in torchvision's layout: `features.0` (4x4 stride-4 conv + LayerNorm), the
 stages `features.1/3/5/7` of CNBlocks (7x7 depthwise conv, LayerNorm, 4x MLP with exact
 GELU, layer scale, stochastic depth) and the downsamplers `features.2/4/6` (LayerNorm +
-2x2 stride-2 conv). Flax modules are named `features_N` (stages `features_N_i`)."""
+2x2 stride-2 conv). Flax modules are named `features_N` (stages `features_N_i`).
+
+ConvNeXt V2 (timm's `convnextv2_*`) is the same network with Global Response Normalization
+after the MLP's GELU and no layer scale; its timm files load through `TIMM_RULES`."""
 from functools import partial
 from typing import Any, Sequence
 
@@ -24,6 +27,18 @@ VARIANTS = {
     "convnext_base": ((128, 256, 512, 1024), (3, 3, 27, 3)),
     "convnext_large": ((192, 384, 768, 1536), (3, 3, 27, 3)),
 }
+# timm's ConvNeXt V2 (widths, depths); atto..nano are timm's own sizes
+V2_VARIANTS = {
+    "convnextv2_atto": ((40, 80, 160, 320), (2, 2, 6, 2)),
+    "convnextv2_femto": ((48, 96, 192, 384), (2, 2, 6, 2)),
+    "convnextv2_pico": ((64, 128, 256, 512), (2, 2, 6, 2)),
+    "convnextv2_nano": ((80, 160, 320, 640), (2, 2, 8, 2)),
+    "convnextv2_tiny": ((96, 192, 384, 768), (3, 3, 9, 3)),
+    "convnextv2_small": ((96, 192, 384, 768), (3, 3, 27, 3)),
+    "convnextv2_base": ((128, 256, 512, 1024), (3, 3, 27, 3)),
+    "convnextv2_large": ((192, 384, 768, 1536), (3, 3, 27, 3)),
+    "convnextv2_huge": ((352, 704, 1408, 2816), (3, 3, 27, 3)),
+}
 TORCHVISION_DROP_PATH = {"convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5,
                          "convnext_large": 0.5}
 
@@ -39,14 +54,37 @@ def _trunc_normal(key, shape, dtype=jnp.float32):
     return 0.02 * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
 
 
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt V2's GRN over NHWC: x + bias + scale * x * g / (mean_c(g) + eps), g the
+    per-channel L2 norm over space (statistics in fp32). Zero-initialised: the identity.
+    A channel that is zero everywhere gets a zero gradient, as torch's norm gives it."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale, bias = (self.param(name, nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+                       for name in ("scale", "bias"))
+        squares = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True)
+        nonzero = squares > 0  # an all-zero channel (a padded example) gets torch's 0 gradient
+        g = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+        n = (g / (jnp.mean(g, axis=-1, keepdims=True) + self.epsilon)).astype(x.dtype)
+        return x + bias.astype(x.dtype) + scale.astype(x.dtype) * (x * n)
+
+
 class CNBlock(nn.Module):
-    """x + drop_path(layer_scale * MLP(LN(dwconv7x7(x)))); the drop-path rate is a call
-    argument, so scanned blocks take their own."""
+    """x + drop_path(layer_scale * MLP(LN(dwconv7x7(x)))), the MLP with GRN after its GELU
+    when `grn` (V2); `layer_scale` is its initial value, None for none. The drop-path rate
+    is a call argument, so scanned blocks take their own."""
 
     dim: int
     dilation: int
     conv: Any
     train: bool = False
+    grn: bool = False
+    layer_scale: float | None = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -60,10 +98,13 @@ class CNBlock(nn.Module):
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=_trunc_normal)
         y = jax.nn.gelu(dense(4 * self.dim, name="pwconv1")(y), approximate=False)
+        if self.grn:
+            y = GlobalResponseNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="grn")(y)
         y = dense(self.dim, name="pwconv2")(y)
-        scale = self.param("layer_scale", nn.initializers.constant(1e-6), (self.dim,),
-                           self.param_dtype)
-        y = y * scale.astype(y.dtype)
+        if self.layer_scale is not None:
+            scale = self.param("layer_scale", nn.initializers.constant(self.layer_scale),
+                               (self.dim,), self.param_dtype)
+            y = y * scale.astype(y.dtype)
         return x + drop_path(self, y, drop_path_rate, self.train)
 
 
@@ -75,12 +116,15 @@ class ConvNeXt(Backbone):
     the blocks (torchvision's rule); 0 by default, torchvision's recipes use
     `TORCHVISION_DROP_PATH`. Every block is rematerialised under `remat`; `scan_blocks`
     runs each stage's blocks in one `nn.scan` named `features_N_scan` (per-block drop-path
-    rates as its input)."""
+    rates as its input). `grn=True, layer_scale=None` is ConvNeXt V2 (timm's; the same
+    linear drop-path rule)."""
 
     widths: Sequence[int] = VARIANTS["convnext_tiny"][0]
     depths: Sequence[int] = VARIANTS["convnext_tiny"][1]
     drop_path_rate: float = option(0.0)
     scan_blocks: bool = option(False)
+    grn: bool = option(False)
+    layer_scale: float | None = option(1e-6)
 
     conv_init = staticmethod(_trunc_normal)
 
@@ -122,8 +166,9 @@ class ConvNeXt(Backbone):
                 outputs.append(x)
             rates = [self.drop_path_rate * (done + i) / max(total - 1, 1) for i in range(depth)]
             done += depth
-            stage = partial(block, width, plans[2 * s + 1].dilation, train=train,
-                            dtype=self.dtype, param_dtype=self.param_dtype)
+            stage = partial(block, width, plans[2 * s + 1].dilation, train=train, grn=self.grn,
+                            layer_scale=self.layer_scale, dtype=self.dtype,
+                            param_dtype=self.param_dtype)
             if f"features_{2 * s + 1}_scan" in scanned:
                 x = scan_repeat(partial(stage, loop_conv(conv)), depth,
                                 f"features_{2 * s + 1}_scan",
@@ -156,8 +201,9 @@ TORCH_RULES = (
     (r"features\.([1357])\.(\d+)\.block\.5", r"backbone/features_\1_\2/pwconv2"),
 )
 
-# timm's ConvNeXt keys (stem, stages.S.downsample / blocks.I, layer scale `gamma`) onto the
-# same modules: timm's files load, and timm's dilated models check `output_stride`.
+# timm's ConvNeXt keys (stem, stages.S.downsample / blocks.I, layer scale `gamma`, V2's
+# `mlp.grn`) onto the same modules: timm's V2 files load, and timm's dilated models check
+# `output_stride`. timm's smaller V2s (atto..nano) keep fc1/fc2 as 1x1 convs: same values.
 TIMM_RULES = (
     (r"stem\.0", "backbone/features_0_conv"),
     (r"stem\.1", "backbone/features_0_norm"),
@@ -169,6 +215,7 @@ TIMM_RULES = (
         (rf"stages\.{s}\.blocks\.(\d+)\.norm", rf"backbone/features_{2 * s + 1}_\1/norm"),
         (rf"stages\.{s}\.blocks\.(\d+)\.mlp\.fc1", rf"backbone/features_{2 * s + 1}_\1/pwconv1"),
         (rf"stages\.{s}\.blocks\.(\d+)\.mlp\.fc2", rf"backbone/features_{2 * s + 1}_\1/pwconv2"),
+        (rf"stages\.{s}\.blocks\.(\d+)\.mlp\.grn", rf"backbone/features_{2 * s + 1}_\1/grn"),
     )),
     (r"head\.norm", "head/norm"),
     (r"head\.fc", "head/fc"),
@@ -178,3 +225,7 @@ register_variants("convnext", variants={
     name: partial(ConvNeXt, widths=widths, depths=depths)
     for name, (widths, depths) in VARIANTS.items()},
     weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
+register_variants("convnextv2", variants={
+    name: partial(ConvNeXt, widths=widths, depths=depths, grn=True, layer_scale=None)
+    for name, (widths, depths) in V2_VARIANTS.items()},
+    weights=WeightSource("timm", TIMM_RULES, **TORCH_IMAGENET))

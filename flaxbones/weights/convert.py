@@ -60,7 +60,9 @@ def _leaf(torch_leaf: str, leaves: dict) -> tuple[str, str] | None:
     return None
 
 
-def _to_flax_layout(value: np.ndarray, name: str) -> np.ndarray:
+def _to_flax_layout(value: np.ndarray, name: str, ndim: int) -> np.ndarray:
+    if name == "kernel" and value.ndim == 4 and ndim == 2 and value.shape[2:] == (1, 1):
+        return value[:, :, 0, 0].T  # a 1x1 conv onto a dense (timm's conv-MLP ConvNeXts)
     if name == "kernel" and value.ndim == 4:  # conv OIHW -> HWIO (groups stay in I)
         return value.transpose(2, 3, 1, 0)
     if name == "kernel" and value.ndim == 2:  # dense (out, in) -> (in, out)
@@ -108,7 +110,7 @@ def convert_state_dict(state: dict, target: dict, rules, skip_prefixes=()) -> tu
         if want is None:
             unexpected.append(key)
             continue
-        value = _to_flax_layout(np.asarray(value), leaf[1])
+        value = _to_flax_layout(np.asarray(value), leaf[1], len(want.shape))
         if flax_key in filled:
             raise ValueError(f"two source keys map onto {flax_key} (the last was {key!r})")
         if tuple(value.shape) != tuple(want.shape):
