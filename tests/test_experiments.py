@@ -419,15 +419,15 @@ def test_predict_keypoint_detector_prints_and_draws_keypoints_in_the_image_frame
     """A Keypoint R-CNN through predict.py's detector path: each detection carries its
     (17, 3) keypoints mapped to the image's own pixels, printed after its box and drawn."""
     from PIL import Image
+    from torch_ref import random_variables
 
     import flaxbones as fb
     model = fb.create_model("keypointrcnn", backbone="resnet18", num_classes=2,
                             fpn_channels=16, representation_size=32, keypoint_channels=8,
                             cpu_kernels=False, **RCNN_TEST_SIZES)
     images = [np.random.default_rng(0).integers(0, 255, (48, 80, 3), np.uint8)]
-    variables = jax.jit(lambda key: model.init(key, np.zeros((1, 64, 64, 3), np.float32),
-                                               np.int32([[64, 64]]), train=False))(
-        jax.random.key(0))
+    variables = random_variables(model, np.zeros((1, 64, 64, 3), np.float32),
+                                 np.int32([[64, 64]]), scale=None, train=False)
     config = {"detection": {"min_size": 64, "max_size": 64}, "normalize_like": "resnet18",
               "dataset": "no_such_dataset", "num_classes": 2}
     [p] = predict.detect(model, variables, config, ["person.png"], images, tmp_path, 0.0)

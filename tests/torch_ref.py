@@ -1,4 +1,6 @@
 """Helpers for parity tests against torch references: random BN stats, files, runs."""
+import functools
+
 import numpy as np
 import torch
 
@@ -66,11 +68,16 @@ def assert_close(actual, expected, rel: float = 1e-4, what: str = ""):
     return err / max(scale, 1e-12)
 
 
-def random_variables(model, x, seed: int = 0, scale: float = 0.2):
-    """Variables of `model`'s shapes filled from numpy: kernels N(0, scale), vectors (biases,
-    norms' scales, layer scales) 1 + N(0, scale). Skips compiling `init`, which costs more
-    than the test's own program for a narrow model on CPU."""
+def random_variables(model, *args, seed: int = 0, scale: float = 0.2, **kwargs):
+    """Variables of `model`'s shapes filled from numpy: kernels N(0, scale^2) (scale None:
+    variance 1 / fan-in, so deep models keep their activations' size), vectors (biases,
+    norms' scales and statistics, layer scales) 1 + N(0, 0.2^2). Skips compiling `init`, which
+    costs more than the test's own program for a narrow model on CPU."""
     import jax
+
+    def fill(a):
+        std = 0.2 if a.ndim == 1 else scale or np.prod(a.shape[:-1]) ** -0.5
+        return (rng.randn(*a.shape) * std + (a.ndim == 1)).astype(np.float32)
     rng = np.random.RandomState(seed)
-    return jax.tree.map(lambda a: (rng.randn(*a.shape) * scale + (a.ndim == 1)).astype(
-        np.float32), jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+    init = functools.partial(model.init, **kwargs)  # static keywords (train=...)
+    return jax.tree.map(fill, jax.eval_shape(init, jax.random.PRNGKey(0), *args))
