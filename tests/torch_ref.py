@@ -81,3 +81,17 @@ def random_variables(model, *args, seed: int = 0, scale: float = 0.2, **kwargs):
     rng = np.random.RandomState(seed)
     init = functools.partial(model.init, **kwargs)  # static keywords (train=...)
     return jax.tree.map(fill, jax.eval_shape(init, jax.random.PRNGKey(0), *args))
+
+
+def torch_parameter_count(build) -> int:
+    """Parameters of the torch model `build()` makes, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def parameter_count(model, size: int = 64) -> int:
+    """Parameters of a flaxbones model, traced with `eval_shape` at (1, size, size, 3)."""
+    import jax
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, size, size, 3),
+                                                                         np.float32))
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
