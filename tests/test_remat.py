@@ -190,10 +190,11 @@ def test_a_checkpoint_policy_gives_the_same_gradients_and_statistics():
 # mobilenet_v1 0.90, mobilenet_v2_050 0.75, mobilenet_v3_small 0.62, vgg11_bn 0.81,
 # googlenet 0.90, alexnet 0.59, demo 0.52; with lax's convolutions: convnext (narrow) 0.53,
 # vit (narrow) 0.80, efficientnet (narrow) 0.63, swin (narrow) 0.37, shufflenet_v2_x0_5
-# 0.77, densenet (narrow) 0.78, maxvit (narrow) 0.61, regnet (narrow) 0.90; heads alone (the reference's backbone rematted too): lraspp+deeplabv3plus 0.91,
-# unet+fpn 0.81, deeplabv3+fcn 1.00 (its heads work at stride 8, where the step's peak, in
-# the backbone's first blocks, is not). What remat cannot drop caps these: the backward of
-# the largest block or max-pool (GoogLeNet's first pools, Xception's first block) runs as
+# 0.77, densenet (narrow) 0.78, maxvit (narrow) 0.61, regnet (narrow) 0.90; heads alone
+# (the reference's backbone rematted too): lraspp+deeplabv3plus 0.91, unet+fpn 0.81,
+# deeplabv3+fcn 1.00 (its heads work at stride 8, where the step's peak, in the backbone's
+# first blocks, is not). What remat cannot drop caps these: the backward of the largest
+# block or max-pool (GoogLeNet's first pools, Xception's first block) runs as
 # in the plain step.
 MAX_RATIO = {"resnet18": 0.78, "xception": 0.98, "xception65_scan": 0.35, "mobilenet_v1": 0.94,
              "mobilenet_v2_050": 0.8, "mobilenet_v3_small": 0.68, "vgg11_bn": 0.86,
