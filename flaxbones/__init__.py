@@ -8,10 +8,10 @@ from flaxbones.models import Classifier, Segmenter
 from flaxbones.registry import (create_backbone, create_model, get_spec, list_backbones,
                                 list_models)
 from flaxbones.scan import scan_variables, unscan_variables
-from flaxbones.weights import load_pretrained
+from flaxbones.weights import load_pretrained, save_weights
 
 from flaxbones._version import __version__  # noqa: F401  (one place; pyproject.toml reads it)
 
 __all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model",
-           "get_spec", "list_backbones", "list_models", "load_pretrained", "scan_variables",
-           "unscan_variables"]
+           "get_spec", "list_backbones", "list_models", "load_pretrained", "save_weights",
+           "scan_variables", "unscan_variables"]

@@ -40,7 +40,7 @@ _UNIT_SECONDS = {
     "test_detection_train_engine.py": 170, "test_checkpoint.py": 165,
     "test_detection_rcnn_train.py": 155, "test_convnext.py": 80, "test_train_parallel.py": 100,
     "test_benchmarks.py": 85, "test_detection_onestage_train.py": 80,
-    "test_detection_train_parallel.py": 70,
+    "test_detection_train_parallel.py": 70, "test_save_weights.py": 45,
     "config:cityscapes_deeplabv3plus_xception65": 180, "config:finetune_maskrcnn_from_coco": 95,
     "config:coco_maskrcnn_resnet50_fpn": 90, "config:coco_fasterrcnn_mobilenet_v3_large_fpn": 85,
     "config:demo": 75, "config:coco_retinanet_resnet50_fpn": 65, "config:shapes_classifier": 60,

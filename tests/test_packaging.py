@@ -31,8 +31,10 @@ DATA_IMPORTS = {"tensorflow": "tensorflow-cpu", "tensorflow_datasets": "tensorfl
 EXPERIMENTS_IMPORTS = {"ml_collections": "ml-collections", "absl": "absl-py",
                        "matplotlib": "matplotlib", "PIL": "pillow", "tqdm": "tqdm"}
 # The core may import these inside a function only, for one optional feature: torch reads
-# .pth weight files (the [torch] extra), pycocotools evaluates COCO AP (the [data] extra).
-LAZY_OPTIONAL = {"torch", "pycocotools"}
+# .pth weight files and torchvision / timm build the reference models that
+# `save_weights(layout="torch")` fills (the [torch] extra), pycocotools evaluates COCO AP (the
+# [data] extra), Pillow reads and resizes image files for `fb.preprocess` (the [experiments] extra).
+LAZY_OPTIONAL = {"torch", "torchvision", "timm", "pycocotools", "PIL"}
 # flaxbones.data loads triton (when installed) before TensorFlow: see its __init__.
 DATA_OPTIONAL = {"triton"}
 

@@ -72,6 +72,19 @@ def _to_flax_layout(value: np.ndarray, name: str, ndim: int) -> np.ndarray:
     return value
 
 
+def _to_torch_layout(value: np.ndarray, name: str, shape: tuple) -> np.ndarray:
+    """The inverse of `_to_flax_layout`: a flax leaf laid out as a torch tensor of `shape`."""
+    if name == "kernel" and len(shape) == 4 and value.ndim == 2 and shape[2:] == (1, 1):
+        return value.T[:, :, None, None]
+    if name == "kernel" and len(shape) == 4 and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if name == "kernel" and len(shape) == 2 and value.ndim == 2:
+        return value.T
+    if name == "layer_scale" and value.size == np.prod(shape):
+        return value.reshape(shape)
+    return value
+
+
 def _index_modules(flat_target):
     modules: dict[str, dict] = {}
     for key, leaf in flat_target.items():
