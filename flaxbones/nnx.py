@@ -1,0 +1,131 @@
+"""flaxbones models as Flax NNX modules: `to_nnx(model, variables=...)` wraps any model
+(backbone, classifier, segmenter, detector) in `flax.nnx.bridge.ToNNX`, holding Linen
+variables as NNX ones (`params` -> `nnx.Param`, `batch_stats` -> `nnx.BatchStat`), so it
+trains with `nnx.Optimizer`, sits inside a user's own `nnx.Module`, and follows its
+`.train()` / `.eval()`."""
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import unfreeze
+from flax.nnx.bridge import variables as bridge_variables
+
+TRAIN_RNGS = ("dropout", "sampling")  # dropout / drop path; detectors' target sampling
+
+
+class FlaxbonesNNX(nnx.bridge.ToNNX):
+    """`nnx.bridge.ToNNX` with flaxbones' call convention built in.
+
+    `model(x)` runs in eval mode by default (running BatchNorm statistics, no dropout);
+    after `.train()` (or with `train=True`) it uses batch statistics, writes the updated
+    running statistics back into its `nnx.BatchStat`s, and draws the 'dropout' (and
+    detectors' 'sampling') keys from the Rngs it was built with (their `default` stream
+    where they have no such stream) or from `rngs=` passed to the call. flaxbones has one
+    `train` flag: `use_running_average` and `deterministic` are both views of it.
+    """
+
+    def __init__(self, module, *, rngs: nnx.Rngs | int | None = None, variables=None):
+        super().__init__(module, nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
+        self.to_nnx__train = False
+        if variables is not None:
+            self.load_linen_variables(variables)
+
+    @property
+    def use_running_average(self) -> bool:
+        return not self.to_nnx__train
+
+    @use_running_average.setter
+    def use_running_average(self, value: bool):
+        self.to_nnx__train = not value
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.to_nnx__train
+
+    @deterministic.setter
+    def deterministic(self, value: bool):
+        self.to_nnx__train = not value
+
+    def set_view(self, use_running_average: bool | None = None,
+                 deterministic: bool | None = None):
+        """What `nnx.view(model, use_running_average=..., deterministic=...)` sets."""
+        for value in (use_running_average, deterministic):
+            if value is not None:
+                self.to_nnx__train = not value
+
+    def __call__(self, *args, train: bool | None = None, rngs=None, mutable=None,
+                 method=None, **kwargs):
+        if method is not None:
+            return super().__call__(*args, rngs=rngs, mutable=mutable, method=method, **kwargs)
+        train = self.to_nnx__train if train is None else train
+        if train:
+            mutable = ["batch_stats"] if mutable is None else mutable
+            rngs = _train_rngs(self.to_nnx__rngs if rngs is None else rngs)
+        return super().__call__(*args, train=train, rngs=rngs, mutable=mutable, **kwargs)
+
+    def load_linen_variables(self, variables):
+        """Replace this module's variables with a Linen variable dict ({'params': ...,
+        'batch_stats': ...}, as `init` or `fb.load_pretrained` give)."""
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError("variables must be a Linen variable dict with 'params', as "
+                             "`init` or `fb.load_pretrained` return it")
+        variables = {k: v for k, v in unfreeze(variables).items() if k != "intermediates"}
+        current = self.linen_variables()
+        if current:
+            _check_same_tree(current, variables)
+        for name, value in bridge_variables.linen_vars_to_nnx_attrs(
+                jax.tree.map(jnp.asarray, variables)).items():
+            setattr(self, name, nnx.data(value))
+
+    def linen_variables(self) -> dict:
+        """The variables as a Linen dict, e.g. for `module.apply`, `fb.export` or
+        `fb.save_weights` with `self.to_nnx__module`."""
+        attrs = {k: v for k, v in vars(self).items()
+                 if not k.startswith(("to_nnx__", "_pytree__"))}
+        return bridge_variables.nnx_attrs_to_linen_vars(attrs)
+
+
+def _train_rngs(rngs):
+    if isinstance(rngs, nnx.Rngs) and "default" in rngs:
+        missing = [name for name in TRAIN_RNGS if name not in rngs]
+        if missing:
+            streams = {name: stream() for name, stream in rngs.items() if name != "default"}
+            return nnx.Rngs(**streams, **{name: rngs.default() for name in missing})
+    return rngs
+
+
+def _check_same_tree(current, new):
+    """A ValueError naming the first mismatched paths unless `new` has `current`'s
+    collections, paths and shapes."""
+    shapes = [{jax.tree_util.keystr(p): jnp.shape(v) for p, v in
+               jax.tree_util.tree_flatten_with_path(tree)[0]} for tree in (current, new)]
+    problems = [f"{k}: {shapes[0].get(k)} vs {shapes[1].get(k)}"
+                for k in sorted(shapes[0].keys() | shapes[1].keys())
+                if shapes[0].get(k) != shapes[1].get(k)]
+    if problems:
+        raise ValueError(f"variables do not fit this model ({len(problems)} mismatches, "
+                         f"model vs given): " + "; ".join(problems[:5]))
+
+
+def to_nnx(model, *example_args, variables=None, rngs: nnx.Rngs | int = 0,
+           **example_kwargs) -> FlaxbonesNNX:
+    """`model` (any flaxbones Linen module) as an NNX module.
+
+    With `variables` (e.g. from `fb.load_pretrained`) they are used as they are and nothing
+    is traced. Otherwise the model is initialised from `example_args` (an image batch, and
+    image_sizes for a detector) with `rngs.params()`: the variables of `model.init` under
+    that key, from one jitted init (`ToNNX.lazy_init` runs the same init op by op, which
+    is slower). `rngs` (an `nnx.Rngs` or a seed) also feeds 'dropout' in training.
+    """
+    rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+    if variables is None:
+        if not example_args:
+            raise ValueError("to_nnx needs example inputs (e.g. an image batch) to "
+                             "initialise the model, or variables=")
+        init = jax.jit(lambda key, *args: model.init(key, *args, **example_kwargs))
+        variables = init(rngs.params(), *example_args)
+    elif example_args or example_kwargs:
+        raise ValueError("give either variables= or example inputs to initialise from, "
+                         "not both")
+    return FlaxbonesNNX(model, rngs=rngs, variables=variables)
