@@ -10,10 +10,12 @@ from flaxbones.models import Classifier, Segmenter
 from flaxbones.registry import (create_backbone, create_model, get_spec, list_backbones,
                                 list_models)
 from flaxbones.scan import scan_variables, unscan_variables
+from flaxbones.transforms import class_names, imagenet_classes, preprocess
 from flaxbones.weights import load_pretrained, save_weights
 
 from flaxbones._version import __version__  # noqa: F401  (one place; pyproject.toml reads it)
 
-__all__ = ["Classifier", "FeatureInfo", "Segmenter", "create_backbone", "create_model",
-           "export", "get_spec", "list_backbones", "list_models", "load_exported",
-           "load_pretrained", "nnx", "save_weights", "scan_variables", "unscan_variables"]
+__all__ = ["Classifier", "FeatureInfo", "Segmenter", "class_names", "create_backbone",
+           "create_model", "export", "get_spec", "imagenet_classes", "list_backbones",
+           "list_models", "load_exported", "load_pretrained", "nnx", "preprocess", "save_weights",
+           "scan_variables", "unscan_variables"]

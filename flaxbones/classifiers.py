@@ -13,6 +13,7 @@ from flaxbones.heads.classification import (ClassifierHead, FCHead, GoogLeNetAux
                                             InceptionV3Aux, LayerNormHead, MaxVitHead,
                                             MobileNetV3Head, SqueezeNetHead)
 from flaxbones.layers import normal_001
+from flaxbones.layers.module import ConvNormModule
 from flaxbones.models import Classifier
 from flaxbones.registry import register_classifier
 
@@ -53,9 +54,10 @@ class ClassifierPreset:
         extra = tuple(level for level in wanted if level not in names)
         if extra and "out_features" not in backbone_kwargs:
             backbone = backbone_builder(**backbone_kwargs, out_features=(*names, *extra))
-        if aux:
-            aux = aux(**{k: getattr(backbone, k) for k in _SHARED if hasattr(backbone, k)})
-        return Classifier(backbone, head, aux)
+        shared = {k: getattr(backbone, k) for k in _SHARED if hasattr(backbone, k)}
+        if isinstance(head, ConvNormModule):  # a conv head (SqueezeNet's) builds as the backbone
+            head = head.clone(**shared)
+        return Classifier(backbone, head, aux(**shared) if aux else None)
 
 
 def _fc(torch_name: str) -> ClassifierPreset:

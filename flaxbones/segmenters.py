@@ -158,9 +158,11 @@ _CLASSIFIERS = ("head/classifier", "aux_head/classifier")
 
 
 def torchvision_source(backbone: tuple, head_rules, head_prefix=_CLASSIFIERS) -> WeightSource:
-    """torchvision's segmentation weights (COCO with VOC labels: 21 classes)."""
+    """torchvision's segmentation weights (COCO with VOC labels: 21 classes), evaluated on
+    images whose shorter side is resized to 520."""
     return WeightSource("torchvision", tuple(backbone) + tuple(head_rules), num_classes=21,
-                        head_prefix=head_prefix, **TORCH_IMAGENET)
+                        head_prefix=head_prefix, resize_size=520, labels="voc",
+                        **TORCH_IMAGENET)
 
 
 def _register_resnet_presets(depth: int):

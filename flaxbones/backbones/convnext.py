@@ -18,7 +18,7 @@ from flaxbones.layers.cpu_conv import loop_conv
 from flaxbones.layers.drop_path import drop_path
 from flaxbones.registry import register_variants
 from flaxbones.scan import scan_repeat
-from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource, timm_eval
 
 # (widths, depths) per variant, and torchvision's stochastic_depth_prob for its recipe
 VARIANTS = {
@@ -221,11 +221,16 @@ TIMM_RULES = (
     (r"head\.fc", "head/fc"),
 )
 
-register_variants("convnext", variants={
-    name: partial(ConvNeXt, widths=widths, depths=depths)
-    for name, (widths, depths) in VARIANTS.items()},
-    weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
-register_variants("convnextv2", variants={
-    name: partial(ConvNeXt, widths=widths, depths=depths, grn=True, layer_scale=None)
-    for name, (widths, depths) in V2_VARIANTS.items()},
-    weights=WeightSource("timm", TIMM_RULES, **TORCH_IMAGENET))
+# The eval transform of each name's default weights (torchvision's; timm's default tag).
+EVAL = {"convnext_tiny": dict(resize_size=236), "convnext_small": dict(resize_size=230),
+        "convnext_base": dict(resize_size=232), "convnext_large": dict(resize_size=232),
+        **{name: timm_eval(224, 0.875) for name in V2_VARIANTS},
+        "convnextv2_huge": timm_eval(384, 1.0, crop_mode="squash")}
+_TORCH = WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET)
+_TIMM = WeightSource("timm", TIMM_RULES, **TORCH_IMAGENET)
+for _name, (_widths, _depths) in VARIANTS.items():
+    register_variants("convnext", weights=_TORCH.replace(**EVAL[_name]), variants={
+        _name: partial(ConvNeXt, widths=_widths, depths=_depths)})
+for _name, (_widths, _depths) in V2_VARIANTS.items():
+    register_variants("convnextv2", weights=_TIMM.replace(**EVAL[_name]), variants={
+        _name: partial(ConvNeXt, widths=_widths, depths=_depths, grn=True, layer_scale=None)})

@@ -171,6 +171,14 @@ def _timm_rules():
 
 
 TIMM_RULES = _timm_rules()
+# The eval transform of torchvision's default weights: (resize_size, interpolation) before the
+# input_size crop; efficientnet_b1's default (IMAGENET1K_V2) is bilinear.
+EVAL = {"efficientnet_b0": (256, "bicubic"), "efficientnet_b1": (255, "bilinear"),
+        "efficientnet_b2": (288, "bicubic"), "efficientnet_b3": (320, "bicubic"),
+        "efficientnet_b4": (384, "bicubic"), "efficientnet_b5": (456, "bicubic"),
+        "efficientnet_b6": (528, "bicubic"), "efficientnet_b7": (600, "bicubic"),
+        "efficientnet_v2_s": (384, "bilinear"), "efficientnet_v2_m": (480, "bilinear"),
+        "efficientnet_v2_l": (480, "bicubic")}
 
 for _name, (_w, _d, _size, _) in V1_VARIANTS.items():
     _stages = scale_stages(V1, _w, _d)
@@ -178,9 +186,11 @@ for _name, (_w, _d, _size, _) in V1_VARIANTS.items():
     register_variants("efficientnet",
                       variants={_name: partial(EfficientNet, stages=_stages, **_bn)},
                       weights=WeightSource("torchvision", torch_rules(_stages), input_size=_size,
-                                           **TORCH_IMAGENET))
+                                           resize_size=EVAL[_name][0],
+                                           interpolation=EVAL[_name][1], **TORCH_IMAGENET))
 for _name, (_stages, _size, _) in V2_VARIANTS.items():
     _norm = dict(mean=(0.5,) * 3, std=(0.5,) * 3) if _name.endswith("_l") else TORCH_IMAGENET
     register_variants("efficientnet_v2", variants={_name: partial(
         EfficientNet, stages=_stages, last_channels=1280, bn_epsilon=1e-3)},
-        weights=WeightSource("torchvision", torch_rules(_stages), input_size=_size, **_norm))
+        weights=WeightSource("torchvision", torch_rules(_stages), input_size=_size,
+                             resize_size=EVAL[_name][0], interpolation=EVAL[_name][1], **_norm))

@@ -189,7 +189,7 @@ TORCHVISION_RULES = (
 # torchvision's pretrained model runs with transform_input=True on ImageNet-normalised
 # input, which equals (x - 0.5) / 0.5: the source asks for that normalisation instead.
 TORCH_INCEPTION_V3 = WeightSource("torchvision", rules=TORCHVISION_RULES, mean=(0.5,) * 3,
-                                  std=(0.5,) * 3, input_size=299)
+                                  std=(0.5,) * 3, input_size=299, resize_size=342)
 
 register_variants("inception_v3", weights=TORCH_INCEPTION_V3,
                   variants={"inception_v3": InceptionV3})

@@ -256,4 +256,5 @@ register_variants("maxvit", variants={
     name: partial(MaxVit, stem_channels=stem, block_channels=channels, block_layers=layers,
                   head_dim=head_dim, partition_size=p)
     for name, (stem, channels, layers, head_dim, p) in VARIANTS.items()},
-    weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
+    weights=WeightSource("torchvision", TORCH_RULES, resize_size=224, interpolation="bicubic",
+                         **TORCH_IMAGENET))

@@ -87,10 +87,13 @@ TIMM_RULES = (
     (r"classifier", "head/fc"),
 )
 
-register_variants("mnasnet", weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET),
-                  variants={
-                      "mnasnet0_5": partial(MNASNet, alpha=0.5),
-                      "mnasnet0_75": partial(MNASNet, alpha=0.75),
-                      "mnasnet1_0": MNASNet,
-                      "mnasnet1_3": partial(MNASNet, alpha=1.3),
-                  })
+_TORCH = WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET)
+register_variants("mnasnet", weights=_TORCH, variants={
+    "mnasnet0_5": partial(MNASNet, alpha=0.5),
+    "mnasnet1_0": MNASNet,
+})
+# torchvision's weights for these two evaluate at 232 -> 224.
+register_variants("mnasnet", weights=_TORCH.replace(resize_size=232), variants={
+    "mnasnet0_75": partial(MNASNet, alpha=0.75),
+    "mnasnet1_3": partial(MNASNet, alpha=1.3),
+})

@@ -7,7 +7,7 @@ from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
 from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, make_divisible
 from flaxbones.registry import register_variants
-from flaxbones.weights.source import WeightSource
+from flaxbones.weights.source import WeightSource, timm_eval
 
 # (channels, blocks, stride of the first) after a 32-channel stride-2 stem: timm's arch_def.
 STAGES = ((64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2))
@@ -88,6 +88,7 @@ TIMM_MOBILENET_V1 = WeightSource(
         (r"blocks\.(\d+)\.(\d+)\.bn2", r"backbone/blocks_\1_\2/pw/bn"),
     ),
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # timm's ra4 weights: inception normalisation
+    **timm_eval(224, 0.875),
 )
 
 register_variants("mobilenet_v1", weights=TIMM_MOBILENET_V1, variants={

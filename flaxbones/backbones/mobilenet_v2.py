@@ -93,6 +93,9 @@ TORCH_MOBILENET_V2 = WeightSource(
 register_variants("mobilenet_v2", weights=TORCH_MOBILENET_V2, variants={
     "mobilenet_v2_050": partial(MobileNetV2, width_mult=0.5),
     "mobilenet_v2_075": partial(MobileNetV2, width_mult=0.75),
-    "mobilenet_v2": MobileNetV2,
     "mobilenet_v2_140": partial(MobileNetV2, width_mult=1.4),
+})
+# torchvision's default weights (IMAGENET1K_V2) evaluate at 232 -> 224.
+register_variants("mobilenet_v2", weights=TORCH_MOBILENET_V2.replace(resize_size=232), variants={
+    "mobilenet_v2": MobileNetV2,
 })

@@ -100,6 +100,9 @@ def torch_rules(blocks=LARGE, src: str = r"features", dst: str = "backbone/"):
     return tuple(rules)
 
 
-for _name, _blocks in (("mobilenet_v3_large", LARGE), ("mobilenet_v3_small", SMALL)):
+# torchvision's default weights: the large one's (IMAGENET1K_V2) evaluate at 232 -> 224.
+for _name, _blocks, _resize in (("mobilenet_v3_large", LARGE, 232),
+                                ("mobilenet_v3_small", SMALL, None)):
     register_variants("mobilenet_v3", variants={_name: partial(MobileNetV3, blocks=_blocks)},
-                      weights=WeightSource("torchvision", torch_rules(_blocks), **TORCH_IMAGENET))
+                      weights=WeightSource("torchvision", torch_rules(_blocks), resize_size=_resize,
+                                           **TORCH_IMAGENET))

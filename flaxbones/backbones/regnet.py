@@ -146,9 +146,16 @@ TIMM_RULES = (
     (r"head\.fc", "head/fc"),
 )
 
-register_variants("regnet", variants={
+# torchvision's default weights evaluate at 232 -> 224 (IMAGENET1K_V2), regnet_y_128gf's
+# (IMAGENET1K_SWAG_E2E_V1) at 384, bicubic.
+_TORCH = WeightSource("torchvision", TORCH_RULES, resize_size=232, **TORCH_IMAGENET)
+_SWAG = _TORCH.replace(input_size=384, resize_size=384, interpolation="bicubic")
+_VARIANTS = {
     **{name: partial(RegNet, depths=d, widths=w, group_widths=g)
        for name, (d, w, g) in X_VARIANTS.items()},
     **{name: partial(RegNet, depths=d, widths=w, group_widths=g, se_ratio=0.25)
        for name, (d, w, g) in Y_VARIANTS.items()},
-}, weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
+}
+register_variants("regnet", weights=_TORCH, variants={
+    name: builder for name, builder in _VARIANTS.items() if name != "regnet_y_128gf"})
+register_variants("regnet", weights=_SWAG, variants={"regnet_y_128gf": _VARIANTS["regnet_y_128gf"]})

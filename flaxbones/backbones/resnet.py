@@ -11,7 +11,7 @@ from flaxbones.features import FeatureInfo, check_images, plan_output_stride, se
 from flaxbones.layers import BatchNorm, Conv, ModuleDef, loop_conv, torch_padding
 from flaxbones.registry import register_variants
 from flaxbones.scan import scan_repeat
-from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource, timm_eval
 
 
 def _downsample(x, features, stride, conv, norm, avg_down=False, dilation=1):
@@ -208,6 +208,9 @@ TIMM_RESNET_D = WeightSource(
 register_variants("resnet", weights=TORCH_RESNET, variants={
     "resnet18": partial(ResNet, block=BasicBlock, layers=(2, 2, 2, 2)),
     "resnet34": partial(ResNet, block=BasicBlock, layers=(3, 4, 6, 3)),
+})
+# torchvision's default weights of the bottleneck ResNets (IMAGENET1K_V2) evaluate at 232 -> 224.
+register_variants("resnet", weights=TORCH_RESNET.replace(resize_size=232), variants={
     "resnet50": partial(ResNet, block=Bottleneck, layers=(3, 4, 6, 3)),
     "resnet101": partial(ResNet, block=Bottleneck, layers=(3, 4, 23, 3)),
     "resnet152": partial(ResNet, block=Bottleneck, layers=(3, 8, 36, 3)),
@@ -217,7 +220,8 @@ register_variants("resnet", weights=TORCH_RESNET, variants={
     "wide_resnet101_2": partial(ResNet, block=Bottleneck, layers=(3, 4, 23, 3), width_per_group=128),
 })
 
-register_variants("resnet", weights=TIMM_RESNET_D, variants={
-    name: partial(ResNet, block=Bottleneck, layers=layers, deep_stem=True, stem_width=32,
-                  avg_down=True)
-    for name, layers in (("resnet50d", (3, 4, 6, 3)), ("resnet101d", (3, 4, 23, 3)))})
+for _name, _layers, _eval in (("resnet50d", (3, 4, 6, 3), timm_eval(224, 0.875)),
+                              ("resnet101d", (3, 4, 23, 3), timm_eval(256, 0.95))):
+    register_variants("resnet", weights=TIMM_RESNET_D.replace(**_eval), variants={
+        _name: partial(ResNet, block=Bottleneck, layers=_layers, deep_stem=True, stem_width=32,
+                       avg_down=True)})

@@ -118,6 +118,9 @@ TORCH_RULES = (
     (r"(stage\d)\.(\d+)\.(branch\d)\.(\d)", r"backbone/\1_\2/\3_\4"),
 )
 
-register_variants("shufflenet_v2", variants={
-    name: partial(ShuffleNetV2, channels=channels) for name, channels in VARIANTS.items()},
-    weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
+# torchvision's weights of the two wider ones evaluate at 232 -> 224.
+for _name, _channels in VARIANTS.items():
+    register_variants("shufflenet_v2", variants={
+        _name: partial(ShuffleNetV2, channels=_channels)}, weights=WeightSource(
+            "torchvision", TORCH_RULES, resize_size=232 if _name in (
+                "shufflenet_v2_x1_5", "shufflenet_v2_x2_0") else None, **TORCH_IMAGENET))

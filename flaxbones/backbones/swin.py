@@ -328,8 +328,12 @@ TORCH_RULES = (
     (rf"{_BLOCK}\.attn\.(relative_position_index|relative_coords_table)", DROP),
 )
 
-register_variants("swin", variants={
-    name: partial(SwinTransformer, embed_dim=dim, depths=depths, num_heads=heads, window=window,
-                  version=version)
-    for name, (dim, depths, heads, window, version) in VARIANTS.items()},
-    weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
+# The eval transform of torchvision's default weights (bicubic; V2's at 256).
+EVAL = {"swin_t": (224, 232), "swin_s": (224, 246), "swin_b": (224, 238),
+        "swin_v2_t": (256, 260), "swin_v2_s": (256, 260), "swin_v2_b": (256, 272)}
+for _name, (_dim, _depths, _heads, _window, _version) in VARIANTS.items():
+    register_variants("swin", variants={_name: partial(
+        SwinTransformer, embed_dim=_dim, depths=_depths, num_heads=_heads, window=_window,
+        version=_version)}, weights=WeightSource(
+            "torchvision", TORCH_RULES, input_size=EVAL[_name][0], resize_size=EVAL[_name][1],
+            interpolation="bicubic", **TORCH_IMAGENET))

@@ -18,7 +18,7 @@ from flaxbones.features import FeatureInfo, check_images, select_features
 from flaxbones.layers.drop_path import drop_path
 from flaxbones.registry import register_variants
 from flaxbones.scan import scan_repeat
-from flaxbones.weights.source import TORCH_IMAGENET, WeightSource
+from flaxbones.weights.source import TORCH_IMAGENET, WeightSource, timm_eval
 
 # (patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
 VARIANTS = {
@@ -292,12 +292,17 @@ TIMM_RULES = (
 )
 
 _FIELDS = ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")
-register_variants("vit", variants={
-    name: partial(VisionTransformer, **dict(zip(_FIELDS, args)))
-    for name, args in VARIANTS.items()},
-    weights=WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET))
+# The eval transform of torchvision's default weights; vit_h_14's (IMAGENET1K_SWAG_E2E_V1) are
+# for 518 px images: load them with `image_size=518`.
+EVAL = {"vit_l_16": dict(resize_size=242),
+        "vit_h_14": dict(input_size=518, resize_size=518, interpolation="bicubic")}
+_TORCH = WeightSource("torchvision", TORCH_RULES, **TORCH_IMAGENET)
+for _name, _args in VARIANTS.items():
+    register_variants("vit", weights=_TORCH.replace(**EVAL.get(_name, {})), variants={
+        _name: partial(VisionTransformer, **dict(zip(_FIELDS, _args)))})
 # timm's default (augreg, in21k fine-tuned on in1k) weights expect inputs in [-1, 1].
 register_variants("vit", variants={
     name: partial(VisionTransformer, **dict(zip(_FIELDS, args)))
     for name, args in TIMM_VARIANTS.items()},
-    weights=WeightSource("timm", TIMM_RULES, mean=(0.5,) * 3, std=(0.5,) * 3))
+    weights=WeightSource("timm", TIMM_RULES, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         **timm_eval(224, 0.9)))

@@ -13,7 +13,7 @@ from flaxbones.backbones.base import Backbone
 from flaxbones.features import FeatureInfo, check_images, select_features
 from flaxbones.layers import BatchNorm, Conv, ModuleDef, SeparableConv, max_pool
 from flaxbones.registry import register_backbone
-from flaxbones.weights.source import WeightSource
+from flaxbones.weights.source import WeightSource, timm_eval
 
 
 class Block(nn.Module):
@@ -104,7 +104,7 @@ TIMM_LEGACY_XCEPTION = WeightSource(
         (r"block(\d+)\.rep\.(\d+)", r"backbone/block\1/rep_\2"),
         (r"block(\d+)\.(skip|skipbn)", r"backbone/block\1/\2"),
     ),
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=299,
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **timm_eval(299, 0.8975),
 )
 
 

@@ -15,7 +15,7 @@ from flaxbones.features import FeatureInfo, check_images, plan_output_stride, se
 from flaxbones.layers import BatchNorm, Conv, ConvNormAct, ModuleDef, SeparableConv, loop_conv
 from flaxbones.registry import register_variants
 from flaxbones.scan import scan_repeat
-from flaxbones.weights.source import WeightSource
+from flaxbones.weights.source import WeightSource, timm_eval
 
 
 class XceptionModule(nn.Module):
@@ -152,12 +152,14 @@ TIMM_XCEPTION_ALIGNED = WeightSource(
         (r"blocks\.(\d+)\.stack\.(conv\d)\.(conv_dw|bn_dw|conv_pw|bn_pw)",
          r"backbone/blocks_\1/\2/\3"),
     ),
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=299,
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **timm_eval(299, 0.94),  # xception65.ra3_in1k
 )
 
 
 register_variants("xception_aligned", weights=TIMM_XCEPTION_ALIGNED, variants={
-    "xception65": partial(XceptionAligned, entry=((128, 2), (256, 2), (728, 2)), middle=16),
+    "xception65": partial(XceptionAligned, entry=((128, 2), (256, 2), (728, 2)), middle=16)})
+register_variants("xception_aligned", weights=TIMM_XCEPTION_ALIGNED.replace(  # .tf_in1k
+    **timm_eval(299, 0.903)), variants={
     "xception71": partial(XceptionAligned, entry=((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)),
                           middle=16),
 })

@@ -119,7 +119,7 @@ def maskrcnn_resnet50_fpn_v2(num_classes: int = 91, trainable_layers: int = 3, *
 
 
 @register_model("detector", torchvision_source(rcnn_rules(RESNET50, keypoints=True),
-                                               num_classes=2))
+                                               num_classes=2).replace(labels="coco_person"))
 def keypointrcnn_resnet50_fpn(num_classes: int = 2, num_keypoints: int = 17,
                               trainable_layers: int = 3, **kwargs):
     """torchvision's Keypoint R-CNN ResNet-50 FPN (FrozenBN eps 0; person + background,
