@@ -3,13 +3,10 @@ transforms, the eval transforms of every registered name against the references'
 weights, the class names shipped as data, and predict.py from weight files (top-5 names equal
 torchvision's prediction; segmentation overlays at each image's size; one compile per size)."""
 import json
-import logging
 import pathlib
 import re
 import tomllib
-from contextlib import contextmanager
 
-import jax
 import numpy as np
 import pytest
 
@@ -21,7 +18,7 @@ timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 from torchvision.models import get_model_weights  # noqa: E402
 
-from test_experiments import load_module  # noqa: E402  (predict.py's flags exist once a process)
+from test_experiments import load_module, traces_of  # noqa: E402  (predict.py's flags: once)
 from torch_ref import randomize, save_state  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -196,16 +193,6 @@ def test_class_names_ship_as_package_data():
             for p in (ROOT / "flaxbones").rglob("*") if p.is_file()
             and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
     assert data and set(data) <= set(shipped), "declare the package's data files in pyproject"
-
-
-@contextmanager
-def traces_of(function_name, caplog):
-    """The list of times jax traces `function_name` for jit, filled in the block."""
-    traces = []
-    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
-        yield traces
-        pattern = re.compile(rf"Finished tracing (\+ transforming )?{function_name} ")
-        traces += [r for r in caplog.records if pattern.match(r.getMessage())]
 
 
 def test_predict_py_weights_prints_torchvisions_top5(files, tmp_path, caplog, capsys):
