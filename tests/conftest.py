@@ -30,11 +30,14 @@ def _remove_module_temp_dirs(tmp_path_factory):
         shutil.rmtree(path, ignore_errors=True)
 
 
-# --- scheduling over the xdist workers (`--dist loadgroup --no-loadscope-reorder`) -------
+# --- scheduling over the xdist workers (`--dist loadscope --no-loadscope-reorder`) -------
 # A test module is one unit of work (its module fixtures compile once), but for the two
 # modules whose tests compile independent programs: experiments' configs and remat's
 # models split into a unit each. Units run largest first (seconds measured on a cold
 # cache, 2-core CI machine), so neither worker is left with a long module at the end.
+# The units reach xdist through its scheduler hook, computed from the test ids: xdist's own
+# `xdist_group` marks stop grouping on pytest 9 (pytest-dev/pytest-xdist#1386), and then
+# every test runs on either worker, each setting up the module fixtures again.
 _UNIT_SECONDS = {
     "test_experiments.py": 430, "test_detection_rcnn.py": 250,
     "test_detection_train_engine.py": 170, "test_checkpoint.py": 165,
@@ -50,29 +53,45 @@ _UNIT_SECONDS = {
     "remat:xception65_scan": 50, "remat:demo": 50, "remat:mobilenet_v2_050": 45,
 }
 _CONFIG_UNIT = {"transfer_shapes_from_classifier": "shapes_classifier"}
+# test_remat's tests of one model share its compiled steps: a unit per model.
+_REMAT_PER_MODEL = {"test_remat_gives_the_same_outputs_gradients_and_statistics",
+                    "test_remat_drops_activations", "test_remat_recomputes_every_block_of"}
 
 
-def _work_unit(item) -> str:
-    module = item.path.name
-    param = getattr(item, "callspec", None) and item.callspec.params.get("name")
-    if module == "test_experiments.py" and item.originalname == "test_config_trains_and_evaluates":
-        if param != "tiny":  # the tiny config shares the module's `trained` run
-            return f"config:{_CONFIG_UNIT.get(param, param)}"
-    if module == "test_experiments.py" and "classifier_top5" in item.name:
-        return "config:shapes_classifier"
-    if module == "test_experiments.py" and "predict_detector" in item.name:
-        return "config:shapes_maskrcnn"
-    if module == "test_remat.py" and param:
+def _work_unit(nodeid: str) -> str:
+    """The unit of work of a test id ('tests/test_x.py::test_f[param]')."""
+    path, _, test = nodeid.partition("::")
+    module = path.rsplit("/", 1)[-1]
+    function, _, param = test.rsplit("::", 1)[-1].partition("[")
+    param = param[:param.rfind("]")]
+    if module == "test_experiments.py":
+        if function == "test_config_trains_and_evaluates" and param != "tiny":
+            return f"config:{_CONFIG_UNIT.get(param, param)}"  # tiny: the module's `trained`
+        if "classifier_top5" in function:
+            return "config:shapes_classifier"
+        if "predict_detector" in function:
+            return "config:shapes_maskrcnn"
+    if module == "test_remat.py" and function in _REMAT_PER_MODEL:
         return f"remat:{param}"
     return module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-scope scheduling with this suite's units of work as the scopes."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _work_unit(nodeid)
+
+    return WorkUnitScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     units = {}
     for item in items:
-        unit = _work_unit(item)
-        item.add_marker(pytest.mark.xdist_group(unit))
-        units.setdefault(unit, []).append(item)
+        units.setdefault(_work_unit(item.nodeid), []).append(item)
     order = sorted(units, key=lambda u: -_UNIT_SECONDS.get(u, 0))  # stable: the rest as found
     items[:] = [item for unit in order for item in units[unit]]
