@@ -4,7 +4,7 @@ from functools import partial
 
 from flax import linen as nn
 
-from flaxbones.backbones.base import Backbone
+from flaxbones.backbones.base import Backbone, option
 from flaxbones.features import FeatureInfo, check_images, plan_output_stride, sequence_taps
 from flaxbones.layers import ConvNormAct, InvertedResidual, make_divisible
 from flaxbones.registry import register_variants
@@ -21,11 +21,14 @@ class MobileNetV2(Backbone):
     C1..C5 are the last unit at strides 2..32: `features.1, .3, .6, .13, .18` (C5 includes the
     final 1x1 conv, as torchvision's `features` does). `out_features` may also name any unit
     ('features_4'). `output_stride` 8/16 dilates the depthwise convs with torchvision/timm
-    semantics (the first block of a dilated stage keeps the previous dilation).
+    semantics (the first block of a dilated stage keeps the previous dilation);
+    `whole_stage_dilation` dilates that block too (segmentation_models_pytorch's
+    `make_dilated`).
     """
 
     width_mult: float = 1.0
     round_nearest: int = 8
+    whole_stage_dilation: bool = option(False)
 
     @property
     def _units(self):
@@ -42,6 +45,8 @@ class MobileNetV2(Backbone):
     def _taps(self):
         strides, channels, _ = zip(*self._units)
         plans = plan_output_stride(strides, self.output_stride)
+        if self.whole_stage_dilation:
+            plans = [p._replace(first_dilation=p.dilation) for p in plans]
         names = [f"features_{i}" for i in range(len(strides))]
         return plans, sequence_taps(strides, channels, plans, self.out_features, names)
 

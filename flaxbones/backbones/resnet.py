@@ -102,6 +102,8 @@ class ResNet(Backbone):
     `scan_blocks` runs the identical blocks 1.. of each stage in one `nn.scan` named
     `layerI_scan` (not layer4 under `multi_grid`): same numerics, far faster compiles;
     `flaxbones.scan` converts variables between the two forms.
+    `whole_stage_dilation` dilates the first block of a dilated stage like the others
+    (segmentation_models_pytorch's `make_dilated`), not at the previous rate (torchvision).
     """
 
     block: Any
@@ -112,6 +114,7 @@ class ResNet(Backbone):
     stem_width: int = 64
     avg_down: bool = False
     scan_blocks: bool = option(False)
+    whole_stage_dilation: bool = option(False)
 
     @nn.nowrap
     def multi_grid_units(self) -> int:
@@ -126,7 +129,10 @@ class ResNet(Backbone):
 
     # stem conv, max-pool, layer1..layer4
     def _plans(self):
-        return plan_output_stride((2, 2, 1, 2, 2, 2), self.output_stride)
+        plans = plan_output_stride((2, 2, 1, 2, 2, 2), self.output_stride)
+        if self.whole_stage_dilation:
+            return [p._replace(first_dilation=p.dilation) for p in plans]
+        return plans
 
     @property
     def _stem_channels(self) -> int:

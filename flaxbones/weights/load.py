@@ -29,6 +29,8 @@ def load_pretrained(name: str | None, path, *, skip_head: bool = False, rng=None
     returned. With `skip_head=True` the head (and aux head) may differ, e.g. another
     num_classes: those leaves keep their initial values (from `rng`) and the report
     (`return_report=True`: (variables, LoadReport)) says which.
+    A segmentation_models_pytorch state dict loads as `name="smp:Unet"` (or "smp_unet") with
+    smp's arguments, `encoder_name="resnet34", classes=3` (`flaxbones.smp.load_pretrained`).
     With `scan_blocks=True` a torch file is loaded onto the unscanned model, then stacked
     (`flaxbones.scan.scan_variables`); a checkpoint loads in the form it was saved in.
     """
@@ -45,6 +47,10 @@ def load_pretrained(name: str | None, path, *, skip_head: bool = False, rng=None
         name, saved = _saved_model(path, name, metadata)
     elif name is None:
         raise ValueError(f"{path} is a weight file: pass the model name it belongs to")
+    elif name.startswith(("smp:", "smp_")):
+        from flaxbones import smp
+        return smp.load_pretrained(name.removeprefix("smp:"), path, skip_head=skip_head,
+                                   rng=rng, return_report=return_report, **create_kwargs)
     if layout == "flax":
         out = _from_flax_layout(name, state, saved, create_kwargs, skip_head, rng)
     else:
