@@ -53,6 +53,7 @@ _UNIT_SECONDS = {
     "remat:xception65_scan": 50, "remat:demo": 50, "remat:mobilenet_v2_050": 45,
 }
 _CONFIG_UNIT = {"transfer_shapes_from_classifier": "shapes_classifier"}
+# test_docs runs each page's code blocks as a unit of its own.
 # test_remat's tests of one model share its compiled steps: a unit per model.
 _REMAT_PER_MODEL = {"test_remat_gives_the_same_outputs_gradients_and_statistics",
                     "test_remat_drops_activations", "test_remat_recomputes_every_block_of"}
@@ -73,6 +74,8 @@ def _work_unit(nodeid: str) -> str:
             return "config:shapes_maskrcnn"
     if module == "test_remat.py" and function in _REMAT_PER_MODEL:
         return f"remat:{param}"
+    if module == "test_docs.py" and function == "test_page_code_runs":
+        return f"docs:{param}"
     return module
 
 
