@@ -6,21 +6,31 @@ import dataclasses
 import inspect
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import export as jax_export
+from jax.typing import DTypeLike
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def lax_kernels(module: nn.Module) -> nn.Module:
-    """`module` with `cpu_kernels=False` wherever its tree (its fields, and module-valued
-    fields recursively) set True: the same variables, lax's convolutions and max-pooling
-    instead of the XLA:CPU rewrites (`layers.cpu_conv`), so every backend compiles it
-    natively."""
+    """`module` with `cpu_kernels=False` wherever its tree sets True.
+
+    Its fields, and module-valued fields recursively: the same variables, lax's
+    convolutions and max-pooling instead of the XLA:CPU rewrites (`layers.cpu_conv`), so
+    every backend compiles it natively.
+
+    Args:
+        module: Any flaxbones Linen module (unbound).
+
+    Returns:
+        A clone with the rewrites off, or `module` itself when it has none.
+    """
     updates = {}
     for field in dataclasses.fields(module):
         if field.name in ("parent", "name") or not field.init:
@@ -69,28 +79,50 @@ def _check_shape(input_shape):
     return shape
 
 
-def export(model: nn.Module, variables, input_shape, batch="dynamic", *,
-           platforms=PLATFORMS, embed_weights: bool = True, dtype=jnp.float32,
+def export(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int],
+           batch: str | int = "dynamic", *, platforms: Sequence[str] = PLATFORMS,
+           embed_weights: bool = True, dtype: DTypeLike = jnp.float32,
            path: str | os.PathLike | None = None) -> bytes:
     """`model.apply(variables, images, train=False)` as a serialised `jax.export` artifact.
 
-    `input_shape` is one image's (height, width, channels): the program takes (batch, H, W,
-    C) images of `dtype`, normalised as the model expects; `batch="dynamic"` makes the
-    batch size symbolic (one program for every size), an int fixes it. Detectors (models
-    whose call takes `image_sizes`) take `(images, image_sizes)`, image_sizes (batch, 2)
-    int32, and return their fixed-size padded detections. The outputs are the model's dict.
+    The program takes (batch, H, W, C) images of `dtype`, normalised as the model
+    expects. Detectors (models whose call takes `image_sizes`) take
+    `(images, image_sizes)`, image_sizes (batch, 2) int32, and return their fixed-size
+    padded detections. The outputs are the model's dict.
 
     With `embed_weights` (default) the variables are constants of the program:
-    `jax.export.deserialize(data).call(images)`; XLA then compiles them in, which costs the
-    consumer's first call a few seconds per 100 MB of weights on a CPU. Otherwise they are
-    its first argument, `call(variables, images)`, a tree of the same structure and shapes.
+    `jax.export.deserialize(data).call(images)`; XLA then compiles them in, which costs
+    the consumer's first call a few seconds per 100 MB of weights on a CPU. Otherwise
+    they are its first argument, `call(variables, images)`, a tree of the same structure
+    and shapes.
 
-    The program is lowered for every one of `platforms` ('cpu', 'cuda', 'rocm', 'tpu'),
-    from any host. A model built with the CPU kernel rewrites (`cpu_kernels=True`, the
-    default on a CPU host) is exported as its `lax_kernels` clone: the same weights and
-    sums, with lax's convolutions and pooling that every backend runs natively.
+    A model built with the CPU kernel rewrites (`cpu_kernels=True`, the default on a CPU
+    host) is exported as its `lax_kernels` clone: the same weights and sums, with lax's
+    convolutions and pooling that every backend runs natively.
 
-    With `path`, the bytes are also written there atomically (a temporary file renamed).
+    Args:
+        model: The flaxbones Linen module to export.
+        variables: Its variable dict (with 'params'), as `init` or `fb.load_pretrained`
+            return it; 'intermediates' are dropped.
+        input_shape: One image's (height, width, channels), positive ints.
+        batch: "dynamic" for a symbolic batch size (one program for every size), or a
+            positive int to fix it.
+        platforms: The platforms to lower for ('cpu', 'cuda', 'rocm', 'tpu'), from any
+            host.
+        embed_weights: Bake the variables into the program (else they are its first
+            argument).
+        dtype: The dtype of the image input.
+        path: If given, the bytes are also written there atomically (a temporary file
+            renamed).
+
+    Returns:
+        The serialised artifact (`jax.export.Exported.serialize()`).
+
+    Raises:
+        ValueError: `input_shape` is not three positive ints (a 4-tuple: give the batch
+            as `batch=`), `batch` is neither "dynamic" nor a positive int, or
+            `variables` has no 'params'.
+        TypeError: `model` is not a Flax Linen module.
     """
     shape = _check_shape(input_shape)
     dim = _batch_dim(batch)
@@ -121,9 +153,22 @@ def export(model: nn.Module, variables, input_shape, batch="dynamic", *,
     return data
 
 
-def load_exported(source) -> jax_export.Exported:
-    """A `jax.export.Exported` from `export`'s bytes or a file holding them; call it with
-    `.call(images)` (or `.call(variables, images)` without embedded weights)."""
+def load_exported(source: bytes | bytearray | str | os.PathLike) -> jax_export.Exported:
+    """A `jax.export.Exported` from `export`'s bytes or a file holding them.
+
+    Call it with `.call(images)` (or `.call(variables, images)` without embedded
+    weights).
+
+    Args:
+        source: The serialised bytes, or a path to a file holding them.
+
+    Returns:
+        The deserialised program.
+
+    Raises:
+        TypeError: `source` is neither bytes nor a path.
+        ValueError: The bytes are not a `jax.export` artifact.
+    """
     data = source
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:

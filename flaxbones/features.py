@@ -7,7 +7,15 @@ LEVELS = ("C1", "C2", "C3", "C4", "C5")
 
 
 class FeatureInfo(NamedTuple):
-    """One feature level a backbone returns: name (C1..C5), actual stride, channels."""
+    """One feature level a backbone returns (`backbone.feature_info` lists them, shallow first).
+
+    Attributes:
+        name: The level's name: 'C1'..'C5' (level Ck has nominal stride 2^k), or a
+            backbone unit's name requested through `out_features`.
+        stride: The actual stride of the map relative to the input (smaller than
+            nominal under a dilated `output_stride`).
+        channels: The map's channel count (its last axis, NHWC).
+    """
 
     name: str
     stride: int

@@ -1,17 +1,26 @@
 """Composition: a backbone and a head make a model."""
+import jax
 from flax import linen as nn
 
 from flaxbones.layers import resize_bilinear
 
 
 class Classifier(nn.Module):
-    """Backbone features -> classification head: {'out': logits} (the pooled features with
-    `num_classes=0`), plus the named logits of an optional `aux_head` (GoogLeNet's 'aux1'
-    and 'aux2'), the same keys in train and eval.
+    """Backbone features -> classification head (+ optional auxiliary head).
 
     Variables live under `backbone`, `head` and `aux_head`, so a classifier's backbone
-    sub-tree drops into any other model's. The heads' `levels` are checked against the
-    backbone's `feature_info` at construction.
+    sub-tree drops into any other model's. `create_model(<backbone name>)` builds one
+    with its preset's head.
+
+    Attributes:
+        backbone: The feature extractor (`create_backbone`), returning {level: map}.
+        head: The classification head, reading the levels named by its `levels`.
+        aux_head: An optional head returning a dict of named auxiliary logits
+            (GoogLeNet's 'aux1' and 'aux2'), or None.
+
+    Raises:
+        ValueError: At construction, when a head reads a level the backbone does not
+            produce.
     """
 
     backbone: nn.Module
@@ -27,9 +36,25 @@ class Classifier(nn.Module):
 
     @property
     def feature_info(self):
+        """The backbone's levels, a tuple of `FeatureInfo`."""
         return self.backbone.feature_info
 
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """Run the backbone and the head(s) on a batch of images.
+
+        Args:
+            x: Float images (N, H, W, 3), NHWC, normalised as the backbone's weights expect.
+            train: Training mode: batch statistics (and their update, with
+                `mutable=['batch_stats']`) and dropout (a 'dropout' rng).
+
+        Returns:
+            A dict with 'out', the logits (N, num_classes) (the pooled features (N, C)
+                with `num_classes=0`), plus the named logits of the `aux_head`, the same keys
+                in train and eval.
+
+        Raises:
+            ValueError: `x` is not a float NHWC batch of the channels the backbone takes.
+        """
         features = self.backbone(x, train=train)
         out = {"out": self.head(features, train=train)}
         if self.aux_head is not None:
@@ -38,14 +63,23 @@ class Classifier(nn.Module):
 
 
 class Segmenter(nn.Module):
-    """Backbone features -> segmentation head (+ optional auxiliary head), logits resized
-    to the input's height and width: {'out': NHWC logits, 'aux': ... when configured}.
+    """Backbone features -> segmentation head (+ optional auxiliary head), logits at input size.
 
-    Variables live under `backbone`, `head` and `aux_head`. The heads' `levels` are
-    checked against the backbone's `feature_info` at construction; logits are upsampled
-    with each head's `align_corners` rule (torchvision: False, TF DeepLab: True). Any
-    input size works: heads resize to the exact sizes of the levels they fuse, never by
-    a fixed factor, so nothing needs padding to a multiple of 32.
+    Variables live under `backbone`, `head` and `aux_head`. Logits are upsampled with each
+    head's `align_corners` rule (torchvision: False, TF DeepLab: True). Any input size
+    works: heads resize to the exact sizes of the levels they fuse, never by a fixed
+    factor, so nothing needs padding to a multiple of 32.
+
+    Attributes:
+        backbone: The feature extractor (`create_backbone`), returning {level: map}.
+        head: The segmentation head: `levels` it reads, `num_classes`, `align_corners`
+            and optionally `supported_strides` (of its deepest level).
+        aux_head: An optional auxiliary head of the same kind (its logits are 'aux'),
+            or None.
+
+    Raises:
+        ValueError: At construction, when a head reads a level the backbone does not
+            produce, needs another output stride, or has no positive `num_classes`.
     """
 
     backbone: nn.Module
@@ -60,9 +94,24 @@ class Segmenter(nn.Module):
 
     @property
     def feature_info(self):
+        """The backbone's levels, a tuple of `FeatureInfo`."""
         return self.backbone.feature_info
 
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """Run the backbone and the head(s) on a batch of images.
+
+        Args:
+            x: Float images (N, H, W, 3), NHWC, normalised as the backbone's weights expect.
+            train: Training mode: batch statistics (and their update, with
+                `mutable=['batch_stats']`) and dropout (a 'dropout' rng).
+
+        Returns:
+            A dict with 'out', float logits (N, H, W, num_classes) at the input's H and
+                W, plus 'aux' (the aux head's, same size) when the model has one.
+
+        Raises:
+            ValueError: `x` is not a float NHWC batch of the channels the backbone takes.
+        """
         features = self.backbone(x, train=train)
         size = x.shape[1:3]
         out = {"out": self._upsample(self.head, features, size, train)}

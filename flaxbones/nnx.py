@@ -4,10 +4,11 @@ variables as NNX ones (`params` -> `nnx.Param`, `batch_stats` -> `nnx.BatchStat`
 trains with `nnx.Optimizer`, sits inside a user's own `nnx.Module`, and follows its
 `.train()` / `.eval()`."""
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
 from flax.core import unfreeze
 from flax.nnx.bridge import variables as bridge_variables
 
@@ -15,7 +16,7 @@ TRAIN_RNGS = ("dropout", "sampling")  # dropout / drop path; detectors' target s
 
 
 class FlaxbonesNNX(nnx.bridge.ToNNX):
-    """`nnx.bridge.ToNNX` with flaxbones' call convention built in.
+    """`nnx.bridge.ToNNX` with flaxbones' call convention built in (`to_nnx` makes one).
 
     `model(x)` runs in eval mode by default (running BatchNorm statistics, no dropout);
     after `.train()` (or with `train=True`) it uses batch statistics, writes the updated
@@ -23,9 +24,18 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
     detectors' 'sampling') keys from the Rngs it was built with (their `default` stream
     where they have no such stream) or from `rngs=` passed to the call. flaxbones has one
     `train` flag: `use_running_average` and `deterministic` are both views of it.
+
+    Args:
+        module: The flaxbones Linen module to wrap.
+        rngs: An `nnx.Rngs` or an int seed, for training's rngs.
+        variables: A Linen variable dict to hold; None leaves the module uninitialised.
+
+    Raises:
+        ValueError: `variables` is not a Linen variable dict with 'params'.
     """
 
-    def __init__(self, module, *, rngs: nnx.Rngs | int | None = None, variables=None):
+    def __init__(self, module: linen.Module, *, rngs: nnx.Rngs | int | None = None,
+                 variables: Mapping[str, Any] | None = None):
         super().__init__(module, nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
         self.to_nnx__train = False
         if variables is not None:
@@ -48,8 +58,13 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
         self.to_nnx__train = not value
 
     def set_view(self, use_running_average: bool | None = None,
-                 deterministic: bool | None = None):
-        """What `nnx.view(model, use_running_average=..., deterministic=...)` sets."""
+                 deterministic: bool | None = None) -> None:
+        """What `nnx.view(model, use_running_average=..., deterministic=...)` sets.
+
+        Args:
+            use_running_average: True for eval mode, False for train mode; None keeps it.
+            deterministic: The same flag seen as dropout's; None keeps it.
+        """
         for value in (use_running_average, deterministic):
             if value is not None:
                 self.to_nnx__train = not value
@@ -64,9 +79,17 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
             rngs = _train_rngs(self.to_nnx__rngs if rngs is None else rngs)
         return super().__call__(*args, train=train, rngs=rngs, mutable=mutable, **kwargs)
 
-    def load_linen_variables(self, variables):
-        """Replace this module's variables with a Linen variable dict ({'params': ...,
-        'batch_stats': ...}, as `init` or `fb.load_pretrained` give)."""
+    def load_linen_variables(self, variables: Mapping[str, Any]) -> None:
+        """Replace this module's variables with a Linen variable dict.
+
+        Args:
+            variables: {'params': ..., 'batch_stats': ...}, as `init` or
+                `fb.load_pretrained` give; 'intermediates' are dropped.
+
+        Raises:
+            ValueError: `variables` has no 'params', or (when the module already holds
+                variables) its paths or shapes differ from the current ones.
+        """
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise ValueError("variables must be a Linen variable dict with 'params', as "
                              "`init` or `fb.load_pretrained` return it")
@@ -79,8 +102,13 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
             setattr(self, name, nnx.data(value))
 
     def linen_variables(self) -> dict:
-        """The variables as a Linen dict, e.g. for `module.apply`, `fb.export` or
-        `fb.save_weights` with `self.to_nnx__module`."""
+        """The variables as a Linen dict.
+
+        For `module.apply`, `fb.export` or `fb.save_weights` with `self.to_nnx__module`.
+
+        Returns:
+            The current values as a dict of collections ('params', 'batch_stats', ...).
+        """
         attrs = {k: v for k, v in vars(self).items()
                  if not k.startswith(("to_nnx__", "_pytree__"))}
         return bridge_variables.nnx_attrs_to_linen_vars(attrs)
@@ -108,15 +136,29 @@ def _check_same_tree(current, new):
                          f"model vs given): " + "; ".join(problems[:5]))
 
 
-def to_nnx(model, *example_args, variables=None, rngs: nnx.Rngs | int = 0,
-           **example_kwargs) -> FlaxbonesNNX:
+def to_nnx(model: linen.Module, *example_args: Any, variables: Mapping[str, Any] | None = None,
+           rngs: nnx.Rngs | int = 0, **example_kwargs: Any) -> FlaxbonesNNX:
     """`model` (any flaxbones Linen module) as an NNX module.
 
-    With `variables` (e.g. from `fb.load_pretrained`) they are used as they are and nothing
-    is traced. Otherwise the model is initialised from `example_args` (an image batch, and
-    image_sizes for a detector) with `rngs.params()`: the variables of `model.init` under
-    that key, from one jitted init (`ToNNX.lazy_init` runs the same init op by op, which
-    is slower). `rngs` (an `nnx.Rngs` or a seed) also feeds 'dropout' in training.
+    With `variables` (e.g. from `fb.load_pretrained`) they are used as they are and
+    nothing is traced. Otherwise the model is initialised from `example_args` with
+    `rngs.params()`: the variables of `model.init` under that key, from one jitted init
+    (`ToNNX.lazy_init` runs the same init op by op, which is slower).
+
+    Args:
+        model: A backbone, classifier, segmenter or detector (Linen module).
+        *example_args: Example inputs to initialise from: an image batch
+            (N, H, W, 3) float, and image_sizes (N, 2) int32 for a detector.
+        variables: Linen variables to hold instead of initialising.
+        rngs: An `nnx.Rngs` or a seed: the init key, and 'dropout' in training.
+        **example_kwargs: Keyword arguments of the example call (`model.init`).
+
+    Returns:
+        A `FlaxbonesNNX` holding the variables (`params` -> `nnx.Param`,
+            `batch_stats` -> `nnx.BatchStat`), in eval mode.
+
+    Raises:
+        ValueError: Neither `variables` nor example inputs are given, or both are.
     """
     rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
     if variables is None:

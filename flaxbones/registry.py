@@ -69,20 +69,45 @@ def _filter(names, pattern):
 
 
 def list_backbones(pattern: str | None = None) -> list[str]:
-    """Registered backbone names, optionally filtered by a glob such as 'resnet*'."""
+    """Registered backbone names, sorted.
+
+    Args:
+        pattern: A glob such as `'resnet*'` to filter the names by; None lists them all.
+
+    Returns:
+        The matching names, each one `create_backbone` (and, as a classifier,
+            `create_model`) accepts.
+    """
     return _filter(_BACKBONES, pattern)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Every name `create_model` accepts: each backbone as a classifier, and full models."""
+    """Every name `create_model` accepts: each backbone as a classifier, and full models.
+
+    Args:
+        pattern: A glob such as `'*deeplab*'` to filter the names by; None lists them all.
+
+    Returns:
+        The matching names, sorted.
+    """
     return _filter([*_BACKBONES, *_MODELS], pattern)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The ModelSpec of `name`; an unknown name raises a ValueError with close matches.
+    """The ModelSpec of `name`: its builder, family and weight source.
 
     Its `weights` describe the files of `create_model(name)`: for a backbone name, the
     reference classifier's (backbone keys plus the head keys its classifier preset adds).
+
+    Args:
+        name: A registered backbone or model name (`list_models()`).
+
+    Returns:
+        The `ModelSpec` (`name`, `builder`, `family`, `weights`: a
+            `flaxbones.weights.WeightSource` or None).
+
+    Raises:
+        ValueError: `name` is not registered; the message suggests close matches.
     """
     spec = _BACKBONES.get(name) or _MODELS.get(name)
     if spec is None:
@@ -96,23 +121,53 @@ def get_spec(name: str) -> ModelSpec:
     return spec
 
 
-def create_backbone(name: str, /, **kwargs) -> nn.Module:
-    """A backbone module: `output_stride`, `out_features`, `dtype`, `param_dtype`, ...
+def create_backbone(name: str, /, **kwargs: Any) -> nn.Module:
+    """A backbone module: it maps NHWC float images to a dict of feature maps by level.
 
     Flax's `name=` and `parent=` reach the module, so it can be built inside a user's
-    own Module (in `setup` or a compact method) like any Flax layer."""
+    own Module (in `setup` or a compact method) like any Flax layer.
+
+    Args:
+        name: A registered backbone name (`list_backbones()`).
+        **kwargs: The backbone's options: `output_stride`, `out_features`, `dtype`,
+            `param_dtype`, `scan_blocks`, `remat`, ..., and Flax's `name` / `parent`.
+
+    Returns:
+        The backbone, an unbound `flax.linen.Module`; its `feature_info` lists the
+            `FeatureInfo` of each level it returns.
+
+    Raises:
+        ValueError: `name` is unknown, or names a full model rather than a backbone;
+            the builder's own ValueErrors for unsupported options (e.g. `output_stride`).
+    """
     spec = get_spec(name)
     if name not in _BACKBONES:
         raise ValueError(f"{name!r} is a full model, not a backbone; use create_model")
     return _build(spec.builder, kwargs)
 
 
-def create_model(name: str, /, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """A backbone name gives a classifier (default 1000 classes; `num_classes=0`: pooled
+def create_model(name: str, /, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """A complete model by name: a classifier for a backbone name, else the registered model.
+
+    A backbone name gives a classifier (default 1000 classes; `num_classes=0`: pooled
     features; `drop_rate`, and the head options of its preset, e.g. GoogLeNet's
-    `aux_logits`); other registered names (segmenter presets, ...) are built by their own
-    builder, with its own default `num_classes` (21 for torchvision's segmenters).
-    Flax's `name=` and `parent=` reach the returned module."""
+    `aux_logits`); other registered names (segmenter presets, detectors, `smp_*`) are
+    built by their own builder, with its own default `num_classes` (21 for
+    torchvision's segmenters). Flax's `name=` and `parent=` reach the returned module.
+
+    Args:
+        name: A registered name (`list_models()`).
+        num_classes: Output classes; None keeps the builder's default.
+        **kwargs: The builder's options (backbone options such as `dtype`,
+            `output_stride`, head options), and Flax's `name` / `parent`.
+
+    Returns:
+        The model, an unbound `flax.linen.Module` (a `Classifier` for a backbone name).
+
+    Raises:
+        ValueError: `name` is unknown, or `num_classes` is negative for a classifier;
+            the builder's own errors for unsupported options.
+    """
     spec = get_spec(name)
     if name in _MODELS:
         given = {} if num_classes is None else {"num_classes": num_classes}

@@ -14,6 +14,7 @@ Scanned blocks build their convs with `layers.cpu_conv.loop_conv` (XLA:CPU's bac
 convolutions inside a loop body; see there).
 """
 import re
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -88,8 +89,26 @@ def _key(suffix, module):
     return f"{collection}/{module}/{rest}"
 
 
-def scan_variables(variables, model) -> dict:
-    """`variables` of the unscanned form of `model` stacked into the scanned form."""
+def scan_variables(variables: Mapping[str, Any], model: nn.Module) -> dict:
+    """`variables` of the unscanned form of `model` stacked into the scanned form.
+
+    Each group's per-block leaves (`layer3_1/...`, `layer3_2/...`) become one leaf with a
+    leading block axis under `<group>/block/`, in block order.
+
+    Args:
+        variables: A full variable dict ({'params', 'batch_stats', ...}) of the unscanned form.
+        model: The model the variables belong to, in either form: a backbone, or a model
+            holding one as `backbone` (Classifier, Segmenter); its `scan_groups()` names
+            the blocks.
+
+    Returns:
+        A new variable dict in the scanned form (the input is not modified).
+
+    Raises:
+        ValueError: The backbone does not support `scan_blocks`, or the variables are not
+            an unscanned tree of this model (blocks missing, already scanned, or blocks that differ
+            in variables or shapes).
+    """
     prefix, groups = _groups(model)
     flat = _flat(variables)
     for scanned, names in groups.items():
@@ -114,8 +133,25 @@ def scan_variables(variables, model) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def unscan_variables(variables, model) -> dict:
-    """`variables` of the scanned form of `model` split into the unscanned form."""
+def unscan_variables(variables: Mapping[str, Any], model: nn.Module) -> dict:
+    """`variables` of the scanned form of `model` split into the unscanned form.
+
+    The inverse of `scan_variables`: entry k of each stacked leaf becomes block k + 1's.
+
+    Args:
+        variables: A full variable dict ({'params', 'batch_stats', ...}) of the scanned form.
+        model: The model the variables belong to, in either form: a backbone, or a model
+            holding one as `backbone` (Classifier, Segmenter); its `scan_groups()` names
+            the blocks.
+
+    Returns:
+        A new variable dict in the unscanned form (the input is not modified).
+
+    Raises:
+        ValueError: The backbone does not support `scan_blocks`, or the variables are not
+            a scanned tree of this model (blocks missing, already unscanned, or blocks that differ
+            in variables or shapes).
+    """
     prefix, groups = _groups(model)
     flat = _flat(variables)
     for scanned, names in groups.items():

@@ -12,6 +12,8 @@ Builders take smp's keyword arguments (`encoder_name`, `encoder_depth`, `decoder
 import dataclasses
 import importlib
 import inspect
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from flaxbones.layers import resize_bilinear
 from flaxbones.models import Segmenter, check_levels
 from flaxbones.registry import (create_backbone, create_model as _create_model, get_spec,
                                 list_backbones, register_model)
-from flaxbones.weights.convert import convert_state_dict
+from flaxbones.weights.convert import LoadReport, convert_state_dict
 from flaxbones.weights.io import read_state_dict
 from flaxbones.weights.source import WeightSource
 
@@ -192,14 +194,40 @@ class SmpModel(Segmenter):
 
 def build(arch: str, encoder_name: str = "resnet34", num_classes: int = 1,
           encoder_depth: int | None = None, encoder_output_stride: int | None = None,
-          aux_params: dict | None = None, in_channels: int = 3, encoder_weights=None,
-          encoder_kwargs: dict | None = None, **decoder_kwargs) -> SmpModel:
-    """smp.`arch`(encoder_name, ...) as an SmpModel. `encoder_depth` and
-    `encoder_output_stride` default to smp's for `arch`; `decoder_kwargs` are the head's
-    (smp's decoder options, `activation`, `upsampling`, ...) and the shared settings
-    (dtype, param_dtype, axis_name, cpu_kernels); `encoder_kwargs` extra backbone options
-    (e.g. `scan_blocks`, `remat`). Weights come from files (`load_pretrained`), never from
-    `encoder_weights`, which must be None."""
+          aux_params: dict | None = None, in_channels: int = 3, encoder_weights: None = None,
+          encoder_kwargs: dict | None = None, **decoder_kwargs: Any) -> SmpModel:
+    """smp.`arch`(encoder_name, ...) as an SmpModel.
+
+    Weights come from files (`load_pretrained`), never from `encoder_weights`.
+
+    Args:
+        arch: smp's class name ('Unet', 'FPN', 'DeepLabV3Plus', ...) or the registry
+            name ('smp_unet'), case-insensitive.
+        encoder_name: An smp encoder ('resnet34', 'tu-convnextv2_tiny', ...) or any
+            flaxbones backbone name.
+        num_classes: Output channels of the segmentation head (smp's `classes`).
+        encoder_depth: Encoder levels used (1..5; 5 only for `tu-*`); None: smp's
+            default for `arch`.
+        encoder_output_stride: 32, or 16 / 8 (dilated) where `arch` takes it; None:
+            smp's default.
+        aux_params: smp's auxiliary classification head options (`classes` required,
+            `pooling`, `dropout`, `activation`), or None for no head.
+        in_channels: Must be 3.
+        encoder_weights: Must be None.
+        encoder_kwargs: Extra backbone options (e.g. `scan_blocks`, `remat`).
+        **decoder_kwargs: The head's options (smp's decoder options, `activation`,
+            `upsampling`, ...) and the shared settings (dtype, param_dtype, axis_name,
+            cpu_kernels).
+
+    Returns:
+        The unbound model; it returns a dict with 'out', the (N, H, W, num_classes)
+            masks, plus 'labels' (N, classes) with `aux_params`.
+
+    Raises:
+        ValueError: An unknown `arch` or encoder, `encoder_weights` or `in_channels`
+            other than None / 3, an unsupported `encoder_depth` or
+            `encoder_output_stride`, or `aux_params` without 'classes'.
+    """
     arch = _arch(arch)
     if encoder_weights is not None:
         raise ValueError("flaxbones never downloads: pass encoder_weights=None and load an smp "
@@ -266,22 +294,54 @@ def _smp_kwargs(kwargs: dict) -> dict:
     return kwargs
 
 
-def create_model(arch: str, encoder_name: str = "resnet34", **smp_kwargs) -> SmpModel:
-    """The flaxbones twin of `smp.<arch>(encoder_name, **smp_kwargs)` (`classes=`, ...)."""
+def create_model(arch: str, encoder_name: str = "resnet34", **smp_kwargs: Any) -> SmpModel:
+    """The flaxbones twin of `smp.<arch>(encoder_name, **smp_kwargs)`, with smp's names.
+
+    Args:
+        arch: smp's class name ('Unet', ...) or the registry name ('smp_unet').
+        encoder_name: An smp encoder name, or any flaxbones backbone.
+        **smp_kwargs: smp's keyword arguments (`classes`, `encoder_depth`,
+            `aux_params`, `decoder_*`, ...; `encoder_weights` is ignored), and the
+            shared settings (`dtype`, ...).
+
+    Returns:
+        The unbound `SmpModel` (see `build`).
+
+    Raises:
+        ValueError: As `build`.
+    """
     return _create_model(registry_name(arch), encoder_name=encoder_name,
                          **_smp_kwargs(smp_kwargs))
 
 
-def load_pretrained(arch: str, path, encoder_name: str = "resnet34", *, skip_head: bool = False,
-                    rng=None, return_report: bool = False, **smp_kwargs):
-    """Variables of `create_model(arch, encoder_name, **smp_kwargs)` from an smp model's state
-    dict (`torch.save(model.state_dict())` or safetensors: `encoder.`, `decoder.`,
-    `segmentation_head.`, `classification_head.`), called as the model was made, e.g.
-    `load_pretrained("Unet", path, "resnet34", classes=3)`.
+def load_pretrained(arch: str, path: str | os.PathLike, encoder_name: str = "resnet34", *,
+                    skip_head: bool = False, rng: jax.Array | None = None,
+                    return_report: bool = False,
+                    **smp_kwargs: Any) -> dict | tuple[dict, LoadReport]:
+    """Variables of `create_model(arch, encoder_name, **smp_kwargs)` from an smp state dict.
 
-    All or nothing: a file of another architecture, encoder or size is a ValueError listing
-    the first missing, unexpected and mis-shaped keys. `skip_head=True` lets the
-    segmentation and classification heads differ (another `classes`): those start fresh.
+    The file is an smp model's `torch.save(model.state_dict())` or safetensors
+    (`encoder.`, `decoder.`, `segmentation_head.`, `classification_head.` keys), loaded
+    with the arguments the model was made with, e.g.
+    `load_pretrained("Unet", path, "resnet34", classes=3)`. All or nothing.
+
+    Args:
+        arch: smp's class name ('Unet', ...) or the registry name ('smp_unet').
+        path: The state dict file (`.pth`, `.pt`, `.bin` or `.safetensors`).
+        encoder_name: The smp encoder the file was trained with.
+        skip_head: Let the segmentation and classification heads differ (another
+            `classes`): those start fresh.
+        rng: The PRNG key that initialises skipped leaves (default `PRNGKey(0)`).
+        return_report: Also return the `LoadReport`.
+        **smp_kwargs: smp's keyword arguments, as for `create_model`.
+
+    Returns:
+        The variable dict; with `return_report`, `(variables, LoadReport)`.
+
+    Raises:
+        ValueError: A file of another architecture, encoder or size (listing the first
+            missing, unexpected and mis-shaped keys), or the errors of `build`.
+        FileNotFoundError: `path` does not exist.
     """
     model = create_model(arch, encoder_name, **smp_kwargs)
     source = weight_source(arch, encoder_name)

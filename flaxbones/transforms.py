@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 from importlib import resources
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,28 +19,52 @@ _TASK_OF_FAMILY = {"segmenter": "segmentation", "detector": "detection"}
 _LABELS_BY_CLASSES = {1000: "imagenet1k", 91: "coco", 21: "voc"}  # a reference's default lists
 
 
-def preprocess(images, model, *, task: str | None = None, crop_size: int | None = None,
-               resize_size: int | None = None, interpolation: str | None = None,
-               mean=None, std=None):
-    """Images as the weights of `model` (a registered name, its ModelSpec, or a WeightSource)
-    expect them: NHWC float32.
+def preprocess(images: Any, model: str | ModelSpec | WeightSource, *, task: str | None = None,
+               crop_size: int | None = None, resize_size: int | None = None,
+               interpolation: str | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None) -> np.ndarray | list[np.ndarray]:
+    """Images as the weights of `model` expect them: NHWC float32, resized and normalised.
 
-    `images`: one image or a list of them, each a path, a PIL image, or an HWC / HW array
-    (uint8 in [0, 255], or float in [0, 1]; a 4-D array is a batch). Grayscale and RGBA
-    become RGB as PIL's `convert("RGB")` makes them (alpha dropped), as torchvision's
-    loaders do. Per task (from the model's family, or `task`):
+    Per task (from the model's family, or `task`):
+
     - classification: torchvision's ImageClassification (timm's eval transform for timm
       weights): the shorter side resized to the source's `resize_size` with antialiased
-      bilinear / bicubic (Pillow's, as torchvision on PIL images), the central `input_size`
-      crop, then [0, 1] and (x - mean) / std. Always one (N, crop, crop, 3) array.
-    - segmentation: SemanticSegmentation: the shorter side resized (520 for torchvision's
-      presets), normalised, not cropped.
-    - detection: ObjectDetection: [0, 1] floats only; the model's own resize, normalisation
-      and padding are `flaxbones.detection.preprocess`.
-    One (N, H, W, 3) array when every image ends the same size, else a list of (H, W, 3)
-    arrays. uint8 images follow torchvision's arithmetic exactly; float images are resized
-    by Pillow per channel in 32-bit float (no rounding to uint8). The keyword arguments
-    override the source's values (`crop_size` alone implies resize_size = crop / 0.875).
+      bilinear / bicubic (Pillow's, as torchvision on PIL images), the central
+      `input_size` crop, then [0, 1] and (x - mean) / std. Always one
+      (N, crop, crop, 3) array.
+    - segmentation: SemanticSegmentation: the shorter side resized (520 for
+      torchvision's presets), normalised, not cropped.
+    - detection: ObjectDetection: [0, 1] floats only; the model's own resize,
+      normalisation and padding are `flaxbones.detection.preprocess`.
+
+    Grayscale and RGBA become RGB as PIL's `convert("RGB")` makes them (alpha dropped),
+    as torchvision's loaders do. uint8 images follow torchvision's arithmetic exactly;
+    float images are resized by Pillow per channel in 32-bit float (no rounding to
+    uint8). Reading files and resizing need Pillow.
+
+    Args:
+        images: One image or a list of them, each a path, a PIL image, or an HWC / HW
+            array (uint8 in [0, 255], or float in [0, 1]); a 4-D array is a batch.
+        model: A registered name, its `ModelSpec`, or a `WeightSource`: whose transform
+            and normalisation to apply.
+        task: 'classification', 'segmentation' or 'detection'; None takes the model's.
+        crop_size: Overrides the source's crop (`input_size`); alone it implies
+            resize_size = crop / 0.875.
+        resize_size: Overrides the size the shorter side is resized to.
+        interpolation: 'bilinear' or 'bicubic', overriding the source's.
+        mean: Per-channel mean on the [0, 1] scale, overriding the source's.
+        std: Per-channel standard deviation on the [0, 1] scale, overriding the source's.
+
+    Returns:
+        One float32 (N, H, W, 3) array when every image ends the same size, else a list
+            of (H, W, 3) float32 arrays.
+
+    Raises:
+        ValueError: An unknown `task` or `interpolation`, a model without a weight
+            source, no images, an image array of another shape or dtype (or floats
+            outside [0, 1]), or a file that does not decode as an image.
+        TypeError: `model` or an image is of an unsupported type.
+        ImportError: Pillow is needed (a path, or a resize) but not installed.
     """
     source, task = _source_and_task(model, task)
     if crop_size is not None and resize_size is None:
@@ -92,16 +117,33 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def imagenet_classes() -> list[str]:
-    """The 1000 ImageNet-1k class names in the order of the classifier outputs (torchvision's
-    list)."""
+    """The 1000 ImageNet-1k class names in the order of the classifier outputs.
+
+    Returns:
+        torchvision's list of the names, index i naming output i.
+    """
     return list(_class_lists()["imagenet1k"])
 
 
-def class_names(model) -> list[str] | None:
-    """The class names of the weights of `model` (a registered name, ModelSpec or
-    WeightSource), index i naming output i: the source's `labels` list, else ImageNet-1k
-    for 1000 classes, torchvision's COCO list for 91 (with its '__background__' and 'N/A'
-    slots) and VOC for 21; None when none is known. `labels` may be the list itself."""
+def class_names(model: str | ModelSpec | WeightSource) -> list[str] | None:
+    """The class names of the weights of `model`, index i naming output i.
+
+    The source's `labels` list, else ImageNet-1k for 1000 classes, torchvision's COCO
+    list for 91 (with its '__background__' and 'N/A' slots) and VOC for 21. A source's
+    `labels` may be the list itself, or the key of a list flaxbones ships.
+
+    Args:
+        model: A registered name, its `ModelSpec`, or a `WeightSource`.
+
+    Returns:
+        The names, or None when none are known (or a given list does not have
+            `num_classes` entries).
+
+    Raises:
+        ValueError: The model has no weight source, or its `labels` names a list
+            flaxbones does not ship.
+        TypeError: `model` is none of the accepted types.
+    """
     source, _ = _source_and_task(model, "classification")
     key = source.labels or _LABELS_BY_CLASSES.get(source.num_classes)
     if key is None or isinstance(key, (tuple, list)):

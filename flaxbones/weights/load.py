@@ -1,5 +1,7 @@
 """`load_pretrained`: a model name and a weight file in, variables out."""
+import os
 import pathlib
+from typing import Any
 from functools import partial
 
 import jax
@@ -12,8 +14,9 @@ from flaxbones.weights.convert import LoadReport, _listing, convert_state_dict
 from flaxbones.weights.io import LAYOUT, decode_kwargs, read_weight_file
 
 
-def load_pretrained(name: str | None, path, *, skip_head: bool = False, rng=None,
-                    return_report: bool = False, **create_kwargs):
+def load_pretrained(name: str | None, path: str | os.PathLike, *, skip_head: bool = False,
+                    rng: jax.Array | None = None, return_report: bool = False,
+                    **create_kwargs: Any) -> dict | tuple[dict, LoadReport]:
     """Variables ({'params', 'batch_stats'}) for `create_model(name, **create_kwargs)`.
 
     `path` is a weight file (.safetensors, .pth, ...) or an Orbax training checkpoint
@@ -23,16 +26,39 @@ def load_pretrained(name: str | None, path, *, skip_head: bool = False, rng=None
     (`create_kwargs` override them), a different `name` is an error. Its flax layout is
     checked leaf by leaf (paths, shapes, dtypes) and loads bit for bit; a `scan_blocks`
     other than the saved one stacks or unstacks the blocks; `param_dtype` casts.
+    Other files (torchvision / timm state dicts) are converted by the name's registered
+    weight source. A segmentation_models_pytorch state dict loads as `name="smp:Unet"`
+    (or "smp_unet") with smp's arguments, `encoder_name="resnet34", classes=3`
+    (`flaxbones.smp.load_pretrained`). With `scan_blocks=True` a torch file is loaded
+    onto the unscanned model, then stacked (`flaxbones.scan.scan_variables`); a
+    checkpoint loads in the form it was saved in.
 
-    Every leaf must come from the file, shapes must agree, and every key in the file must
-    be used: anything else raises a ValueError listing the first offenders, and nothing is
-    returned. With `skip_head=True` the head (and aux head) may differ, e.g. another
-    num_classes: those leaves keep their initial values (from `rng`) and the report
-    (`return_report=True`: (variables, LoadReport)) says which.
-    A segmentation_models_pytorch state dict loads as `name="smp:Unet"` (or "smp_unet") with
-    smp's arguments, `encoder_name="resnet34", classes=3` (`flaxbones.smp.load_pretrained`).
-    With `scan_blocks=True` a torch file is loaded onto the unscanned model, then stacked
-    (`flaxbones.scan.scan_variables`); a checkpoint loads in the form it was saved in.
+    Loading is all or nothing: every leaf must come from the file, shapes must agree, and
+    every key in the file must be used.
+
+    Args:
+        name: The registered model name the weights belong to; None takes the name saved
+            in a file `save_weights` wrote, or in a checkpoint.
+        path: A weight file (`.safetensors`, `.pth`, `.pt`, `.bin`, `.ckpt`) or a
+            checkpoint directory (`flaxbones.train.checkpoint.Checkpoints`).
+        skip_head: Let the head (and aux head) differ, e.g. another `num_classes`: those
+            leaves keep their initial values.
+        rng: The PRNG key that initialises skipped leaves (default `PRNGKey(0)`).
+        return_report: Also return the `LoadReport` (loaded, skipped, ignored keys).
+        **create_kwargs: `create_model` options of the target model (`num_classes`,
+            `dtype`, `param_dtype`, `scan_blocks`, ...).
+
+    Returns:
+        The variable dict, as numpy-backed `jax.Array`s; with `return_report`,
+            `(variables, LoadReport)`.
+
+    Raises:
+        ValueError: The file does not fit the model (missing, unexpected or mis-shaped
+            keys, listed), names another model, lacks a name when `name` is None, has an
+            unknown format, or the model has no weight source.
+        FileNotFoundError: `path` does not exist.
+        flaxbones.train.checkpoint.CheckpointError: A checkpoint step cannot be
+            restored.
     """
     if pathlib.Path(path).is_dir():
         from flaxbones.train.checkpoint import load_variables

@@ -5,6 +5,8 @@ import json
 import os
 import pathlib
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,26 +17,44 @@ from flaxbones.weights.io import DIGEST, LAYOUT, encode_kwargs, file_digest
 from flaxbones.weights.load import abstract_variables, check_variables
 
 
-def save_weights(variables, path, model: str | None = None, layout: str = "flax", *,
+def save_weights(variables: Mapping[str, Any], path: str | os.PathLike, model: str | None = None,
+                 layout: str = "flax", *,
                  model_kwargs: dict | None = None, metadata: dict | None = None) -> pathlib.Path:
-    """Write `variables` of `fb.create_model(model, **model_kwargs)` to a `.safetensors`
-    file (never pickle) and return its path.
+    """Write `variables` of `fb.create_model(model, **model_kwargs)` to a `.safetensors` file.
 
-    `layout="flax"`: every leaf under its `/`-joined path ('params/backbone/conv1/kernel',
-    'batch_stats/...') in its own dtype (bf16 stays bf16), scanned trees as they are. With
-    `model` given the variables are checked against the model first, and the metadata
-    holds the model name and kwargs and its weights' normalisation (mean, std,
-    input_size), so `fb.load_pretrained(None, path)` rebuilds both.
+    Never pickle. `layout="flax"`: every leaf under its `/`-joined path
+    ('params/backbone/conv1/kernel', 'batch_stats/...') in its own dtype (bf16 stays
+    bf16), scanned trees as they are. With `model` given the variables are checked
+    against the model first, and the metadata holds the model name and kwargs and its
+    weights' normalisation (mean, std, input_size), so `fb.load_pretrained(None, path)`
+    rebuilds both.
 
     `layout="torch"`: the exact state dict of the reference model
     (`flaxbones.weights.torch_reference(model, **model_kwargs)`: torchvision's or timm's
     keys, OIHW kernels, float32, `num_batches_tracked` as int64 zeros), for
     `torch_model.load_state_dict(safetensors.torch.load_file(path), strict=True)`.
-    `model` is required; scanned variables are unscanned; kwargs the reference cannot
-    express (narrower stages, other rates or epsilons) are a ValueError.
-
-    `metadata` adds str -> str entries. The write is atomic: a temporary file beside
+    Scanned variables are unscanned. The write is atomic: a temporary file beside
     `path`, fsynced, then renamed over it; on any error nothing changes at `path`.
+
+    Args:
+        variables: The model's variable dict ({'params', 'batch_stats', ...}), on any
+            device.
+        path: The file to write; its suffix must be `.safetensors`.
+        model: The registered model name the variables belong to; required for
+            `layout="torch"`.
+        layout: 'flax' (flaxbones' own paths) or 'torch' (the reference state dict).
+        model_kwargs: The `create_model` options the variables were made with.
+        metadata: Extra str -> str entries for the file's metadata.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: The suffix is not `.safetensors`, `layout` is unknown,
+            `model_kwargs` holds `name` / `parent`, `layout="torch"` has no `model` or
+            kwargs the reference cannot express, the variables do not match the model,
+            or a `metadata` key is one of flaxbones' own.
+        TypeError: `model` is not a str, or `metadata` is not str -> str.
     """
     path = pathlib.Path(path)
     if path.suffix != ".safetensors":
