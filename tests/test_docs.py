@@ -54,3 +54,75 @@ def test_site_builds_strictly(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
                              str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- shell blocks: the commands name scripts, flags and config fields that exist -------
+_COMMAND = re.compile(r"python3?\s+(-m\s+[\w.]+|[\w/]+\.py)((?:\s+(?!#)\S+)*)")
+_ABSL_FLAG = re.compile(
+    r"DEFINE_(?:string|integer|float|bool|boolean|enum|list|multi_\w+)\(\s*\"(\w+)\"")
+_ARGPARSE_FLAG = re.compile(r"add_argument\(\s*\"--([\w-]+)\"")
+
+
+def _shell_commands():
+    for page in PAGES:
+        for block in blocks_of(page.read_text(), page_id(page)):
+            if block.kind not in ("bash", "sh", "shell"):
+                continue
+            text = block.code.replace("\\\n", " ")
+            for line in text.splitlines():
+                for command in re.split(r"&&|;|\|", line.split(" #")[0]):
+                    for match in _COMMAND.finditer(command):
+                        yield f"{block.page}:{block.line}", match.group(1), match.group(2).split()
+
+
+def _config_has(config, path):
+    for part in path.split("."):
+        if part not in config:
+            return False
+        config = config[part]
+    return True
+
+
+def test_shell_commands_name_real_scripts_flags_and_config_fields():
+    """Every `python experiments/...`, `python -m ...` command of the docs runs a script
+    that exists with flags it defines and `--config.x` fields its config has: running them
+    is test_experiments' job (every config trains there), drift in the docs is this test's."""
+    import importlib.util
+    import os
+    checked, problems = 0, []
+    for where, target, args in _shell_commands():
+        if target.startswith("-m"):
+            module = target.split()[-1]
+            if module in ("pytest", "pip", "venv"):
+                continue
+            script = ROOT / (module.replace(".", "/") + ".py")
+        else:
+            script = ROOT / target.removeprefix(".venv/bin/")
+        if not script.exists():
+            problems.append(f"{where}: {target} does not exist")
+            continue
+        source = script.read_text()
+        defined = set(_ABSL_FLAG.findall(source)) | set(_ARGPARSE_FLAG.findall(source))
+        if "DEFINE_config_file" in source:
+            defined.add("config")
+        config = None
+        for arg in args:
+            if not arg.startswith("--"):
+                continue
+            name, _, value = arg[2:].partition("=")
+            if name.startswith("config.") and config is not None:
+                if not _config_has(config, name.removeprefix("config.")):
+                    problems.append(f"{where}: the config has no field {name!r}")
+            elif name == "config":
+                spec = importlib.util.spec_from_file_location("_docs_config", ROOT / value)
+                module = importlib.util.module_from_spec(spec)
+                sys.path.insert(0, os.path.dirname(ROOT / value))
+                try:
+                    spec.loader.exec_module(module)
+                    config = module.get_config()
+                finally:
+                    sys.path.pop(0)
+            elif name not in defined and not (name.startswith("no") and name[2:] in defined):
+                problems.append(f"{where}: {script.name} defines no flag --{name}")
+        checked += 1
+    assert checked >= 10 and not problems, problems
