@@ -13,8 +13,10 @@ name and kwargs, config, step, metrics; JSON).
 import dataclasses
 import functools
 import logging
+import os
 import pathlib
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -29,12 +31,20 @@ _policies = ocp.training.preservation_policies
 
 
 class CheckpointError(ValueError):
-    """A checkpoint step that cannot be restored (missing, truncated or corrupted)."""
+    """A checkpoint step that cannot be restored (missing parts, truncated or corrupted)."""
 
 
 @dataclasses.dataclass
 class Restored:
-    """What `Checkpoints.restore` returns."""
+    """What `Checkpoints.restore` returns.
+
+    Attributes:
+        step: The step restored (an older one than asked with `fallback=True`).
+        state: The train state, in the abstract state's structure and shardings.
+        data: The input pipeline's position saved with it (JSON), or None.
+        meta: The run's metadata: flaxbones version, model name and kwargs, config,
+            step, metrics.
+    """
 
     step: int
     state: Any
@@ -48,17 +58,31 @@ def _version():
 
 
 class Checkpoints:
-    """A run's checkpoint series in `directory`.
+    """A run's checkpoint series in `directory`, on Orbax's V1 `training.Checkpointer`.
 
     `save` is asynchronous (training continues while arrays are written) and acts every
     `save_every` steps unless forced; the latest `keep` steps are retained, plus the
-    `keep_best` best by `best_metric` (`best_mode` 'max' or 'min') when given. `meta`
-    (model name, create kwargs, config) is saved with every step.
+    `keep_best` best by `best_metric` when given. `meta` is saved with every step. Use it
+    as a context manager (or call `close`) so pending saves are committed.
+
+    Args:
+        directory: The run's checkpoint directory (created when needed).
+        save_every: Save every this many steps (others are skipped unless forced).
+        keep: The number of latest steps retained.
+        best_metric: A metric name to also retain the best steps by; every save then
+            needs it in `metrics`.
+        best_mode: 'max' or 'min': which end of `best_metric` is best.
+        keep_best: The number of best steps retained.
+        meta: JSON metadata saved with every step (model name, 'model_kwargs', config),
+            what `load_variables` rebuilds the model from.
+
+    Raises:
+        ValueError: `best_mode` is not 'max' or 'min', or `save_every` / `keep` < 1.
     """
 
-    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int = 3,
                  best_metric: str | None = None, best_mode: str = "max", keep_best: int = 1,
-                 meta: dict | None = None):
+                 meta: dict | None = None) -> None:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if save_every < 1 or keep < 1:
@@ -84,14 +108,26 @@ class Checkpoints:
 
     @property
     def latest_step(self) -> int | None:
+        """The newest complete step, or None when there is none."""
         steps = self.steps
         return steps[-1] if steps else None
 
-    def save(self, step: int, state, *, data=None, metrics: dict | None = None,
+    def save(self, step: int, state: Any, *, data: Any = None, metrics: dict | None = None,
              force: bool = False) -> bool:
-        """Start an async save of `state` (and the pipeline position `data`, JSON) at `step`.
+        """Start an async save of `state` (and the pipeline position `data`) at `step`.
 
-        Returns whether a save was started (the interval policy may skip the step).
+        Args:
+            step: The training step the state is at.
+            state: The train state pytree (sharded arrays are written by their owners).
+            data: The input pipeline's position, JSON-serialisable (e.g. batches consumed).
+            metrics: Scalar metrics saved with the step; `best_metric` reads them.
+            force: Save even if `step` is not on the `save_every` interval.
+
+        Returns:
+            Whether a save was started (the interval policy may skip the step).
+
+        Raises:
+            ValueError: `metrics` is given but lacks `best_metric`.
         """
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         if self.best_metric is not None and metrics and self.best_metric not in metrics:
@@ -102,11 +138,12 @@ class Checkpoints:
             int(step), items, force=force, metrics=metrics or None)
         return response is not None
 
-    def wait(self):
+    def wait(self) -> None:
         """Block until the pending async save is committed."""
         self._checkpointer.wait()
 
-    def close(self):
+    def close(self) -> None:
+        """Wait for pending saves and release the checkpointer."""
         self._checkpointer.close()
 
     def __enter__(self):
@@ -116,18 +153,40 @@ class Checkpoints:
         self.close()
 
     def read_meta(self, step: int | None = None) -> dict:
-        """The JSON metadata saved with `step` (default: the latest)."""
+        """The JSON metadata saved with `step`.
+
+        Args:
+            step: The step; None: the latest.
+
+        Returns:
+            The metadata dict (flaxbones version, the `meta` given, step, metrics).
+
+        Raises:
+            FileNotFoundError: The directory has no checkpoint, or none for `step`.
+            CheckpointError: The step cannot be read.
+        """
         step = self._resolve(step)
         return self._load(step, {META: None})[META]
 
-    def restore(self, abstract_state=None, step: int | None = None, *,
+    def restore(self, abstract_state: Any = None, step: int | None = None, *,
                 fallback: bool = False) -> Restored:
-        """Restore `step` (default: the latest) into `abstract_state`'s structure and shardings.
+        """Restore `step` into `abstract_state`'s structure and shardings.
 
-        `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with `.sharding` set (see
-        `abstract_state_like`): arrays land directly in those shardings, whatever the mesh
-        that saved them (None: the saved structure, on the default device). A step that cannot be read raises CheckpointError naming it; with
-        `fallback=True` older steps are tried, newest first.
+        Arrays land directly in those shardings, whatever the mesh that saved them.
+
+        Args:
+            abstract_state: A pytree of `jax.ShapeDtypeStruct`s with `.sharding` set (see
+                `abstract_state_like`); None: the saved structure, on the default device.
+            step: The step; None: the latest.
+            fallback: Try older steps, newest first, when a step cannot be read.
+
+        Returns:
+            A `Restored` (step, state, data position, meta).
+
+        Raises:
+            FileNotFoundError: The directory has no checkpoint, or none for `step`.
+            CheckpointError: The step (with `fallback`, every candidate step) cannot be
+                read; the message names it.
         """
         step = self._resolve(step)
         candidates = [s for s in reversed(self.steps) if s <= step] if fallback else [step]
@@ -169,8 +228,21 @@ class Checkpoints:
     def load_subtree(self, abstract_subtree: dict, step: int | None = None) -> dict:
         """Partially restore part of the state, e.g. {'params': {...}, 'batch_stats': {...}}.
 
-        Shapes are checked against the saved metadata first: a leaf the checkpoint lacks or
-        holds with another shape raises a ValueError listing the first offenders.
+        Shapes are checked against the saved metadata first.
+
+        Args:
+            abstract_subtree: A pytree of `jax.ShapeDtypeStruct`s (with shardings) of the
+                part of the state to load, keyed as the state is.
+            step: The step; None: the latest.
+
+        Returns:
+            The loaded arrays in the subtree's structure.
+
+        Raises:
+            ValueError: A leaf the checkpoint lacks or holds with another shape (the first
+                offenders listed).
+            FileNotFoundError: The directory has no checkpoint, or none for `step`.
+            CheckpointError: The step cannot be read.
         """
         step = self._resolve(step)
         saved = self.saved_shapes(step)
@@ -185,7 +257,17 @@ class Checkpoints:
         return self._load(step, {STATE: abstract_subtree}, partial=True)[STATE]
 
     def saved_shapes(self, step: int | None = None) -> dict[str, tuple]:
-        """{'params/backbone/conv1/kernel': shape, ...} of the state saved at `step`."""
+        """The shapes of the state saved at `step`, by leaf path.
+
+        Args:
+            step: The step; None: the latest.
+
+        Returns:
+            {'params/backbone/conv1/kernel': shape, ...}.
+
+        Raises:
+            FileNotFoundError: The directory has no checkpoint, or none for `step`.
+        """
         step = self._resolve(step)
         tree = self._checkpointer.checkpointables_metadata(step).metadata[STATE]
         return {k: tuple(x.shape) for k, x in _leaf_paths(tree).items() if hasattr(x, "shape")}
@@ -197,10 +279,20 @@ def _leaf_paths(tree) -> dict:
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def abstract_state_like(tree, shardings=None):
-    """ShapeDtypeStructs of `tree` (arrays or shapes) carrying `shardings` (a matching
-    tree of Shardings, or one for every leaf), as `Checkpoints.restore` expects. Leaves
-    with no sharding of their own go to the first local device."""
+def abstract_state_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings`, as `Checkpoints.restore` expects.
+
+    Leaves with no sharding of their own go to the first local device.
+
+    Args:
+        tree: A pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. a train state, or
+            `jax.eval_shape` of its init).
+        shardings: A matching tree of Shardings (e.g. `state_shardings(...)`), one
+            Sharding for every leaf, or None to keep each leaf's own.
+
+    Returns:
+        The tree of `jax.ShapeDtypeStruct`s with shardings.
+    """
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         default = shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, tree)
@@ -208,13 +300,29 @@ def abstract_state_like(tree, shardings=None):
                         tree, shardings)
 
 
-def transfer(directory, variables: dict, subtrees=("backbone",), step: int | None = None):
-    """Restore the `subtrees` (e.g. a classifier's 'backbone') of a checkpoint's params and
-    batch_stats into `variables` of another model (a segmenter, say).
+def transfer(directory: str | os.PathLike, variables: dict, subtrees: Sequence[str] = ("backbone",),
+             step: int | None = None) -> tuple[dict, LoadReport]:
+    """Restore sub-trees of a checkpoint's params and batch_stats into another model's variables.
 
-    Returns (new variables, LoadReport): `loaded` the restored leaves, `skipped` those left
-    as they were. Every leaf under a transferred sub-tree must exist in the checkpoint
-    with the same shape; everything else keeps its value.
+    E.g. a classifier run's 'backbone' into a segmenter. Every leaf under a transferred
+    sub-tree must exist in the checkpoint with the same shape; everything else keeps its
+    value.
+
+    Args:
+        directory: The `Checkpoints` directory.
+        variables: The target model's variables ({'params', 'batch_stats'}).
+        subtrees: The top-level sub-trees to transfer.
+        step: The step; None: the latest.
+
+    Returns:
+        The new variables and a LoadReport (`loaded` the restored leaves, `skipped`
+            those left as they were), as a tuple.
+
+    Raises:
+        ValueError: `variables` has none of `subtrees`, or the checkpoint lacks a leaf
+            or holds it with another shape.
+        FileNotFoundError: The directory has no checkpoint, or none for `step`.
+        CheckpointError: The step cannot be read.
     """
     picked = {c: {t: variables[c][t] for t in subtrees if t in variables.get(c, {})}
               for c in ("params", "batch_stats")}
@@ -231,13 +339,31 @@ def transfer(directory, variables: dict, subtrees=("backbone",), step: int | Non
                               sorted(set(_leaf_paths(variables)) - loaded_names), [])
 
 
-def load_variables(directory, name: str | None = None, *, skip_head: bool = False, rng=None,
-                   step: int | None = None, **create_kwargs):
-    """(variables, LoadReport): the params and batch_stats saved at `step` (default: the
-    latest) of a `Checkpoints` run, for `create_model(name, **create_kwargs)`; the name
-    and kwargs come from the saved metadata unless given. With `skip_head=True`, head
-    leaves saved with another shape (another num_classes) keep their initial values (from
-    `rng`) and are reported as skipped; any other difference is a ValueError.
+def load_variables(directory: str | os.PathLike, name: str | None = None, *,
+                   skip_head: bool = False, rng: jax.Array | None = None,
+                   step: int | None = None, **create_kwargs: Any) -> tuple[dict, LoadReport]:
+    """The params and batch_stats saved at `step` of a `Checkpoints` run, for a model.
+
+    For `create_model(name, **create_kwargs)`; the name and kwargs come from the saved
+    metadata unless given. `fb.load_pretrained(None, directory)` calls this.
+
+    Args:
+        directory: The `Checkpoints` directory.
+        name: The model name; None: the saved one.
+        skip_head: Let head leaves saved with another shape (another num_classes) keep
+            their initial values; they are reported as skipped.
+        rng: The PRNG key that initialises skipped leaves (default `PRNGKey(0)`).
+        step: The step; None: the latest.
+        **create_kwargs: `create_model` options; none given: the saved 'model_kwargs'.
+
+    Returns:
+        (variables, LoadReport).
+
+    Raises:
+        ValueError: `name` differs from the saved one, there is no name at all, or a
+            leaf differs other than a skippable head's.
+        FileNotFoundError: The directory has no checkpoint, or none for `step`.
+        CheckpointError: The step cannot be read.
     """
     from flaxbones.registry import create_model, get_spec
 
@@ -276,12 +402,16 @@ def _nest(flat: dict) -> dict:
 class PreemptionGuard:
     """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
 
-    Use as a context manager around the training loop and call `should_stop(step)` after
-    each step. With several processes the decision comes from JAX's preemption sync
-    point (`jax.distributed` listens for the signal), so all hosts stop at one step.
+    Use it as a context manager around the training loop and call `should_stop(step)`
+    after each step. With several processes the decision comes from JAX's preemption
+    sync point (`jax.distributed` listens for the signal), so all hosts stop at one step;
+    the signal handlers are only installed for a single process.
+
+    Args:
+        signals: The signals that request a stop.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)) -> None:
         self.signals = signals
         self.requested = False
         self._previous = {}
@@ -300,6 +430,15 @@ class PreemptionGuard:
             signal.signal(s, handler)
 
     def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint and stop after `step`.
+
+        Args:
+            step: The step just taken (the same on every host).
+
+        Returns:
+            True once a signal was received (single process), or at the preemption sync
+                point (several processes).
+        """
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             return multihost_utils.reached_preemption_sync_point(step)

@@ -11,9 +11,24 @@ def example_mask(batch, n: int):
     return jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing: float = 0.0, mask=None):
-    """Cross-entropy of (N, C) logits against (N,) integer labels, with label smoothing
-    (targets (1 - a) one-hot + a / C). Returns (sum over unmasked examples, their count)."""
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
+                          mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of (N, C) logits against (N,) integer labels, with label smoothing.
+
+    Targets are (1 - a) one-hot + a / C; computed in float32.
+
+    Args:
+        logits: (N, C) float logits.
+        labels: (N,) int class ids.
+        label_smoothing: The smoothing a.
+        mask: (N,) 0/1 or bool weights (padded examples 0); None counts every example.
+
+    Returns:
+        (sum over unmasked examples, their count), float32 scalars.
+
+    Raises:
+        ValueError: The logits are not (N, C) or the labels not (N,).
+    """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"classification needs logits (N, C) and labels (N,); got logits "
                          f"{logits.shape} and labels {labels.shape}")
@@ -41,9 +56,23 @@ def _pixel_ce(logits, labels, weights):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, safe) * weights)
 
 
-def segmentation_cross_entropy(logits, labels, ignore_label: int = 255, mask=None):
-    """Per-pixel cross-entropy of (N, H, W, C) logits against (N, H, W) labels, pixels
-    labelled `ignore_label` and padded examples left out. Returns (sum, number of counted
-    pixels)."""
+def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255,
+                               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-pixel cross-entropy of (N, H, W, C) logits against (N, H, W) labels.
+
+    Pixels labelled `ignore_label` and padded examples are left out; computed in float32.
+
+    Args:
+        logits: (N, H, W, C) float logits.
+        labels: (N, H, W) int class ids.
+        ignore_label: The label of pixels to leave out.
+        mask: (N,) 0/1 or bool example weights (padded examples 0); None: all count.
+
+    Returns:
+        (sum, number of counted pixels), float32 scalars.
+
+    Raises:
+        ValueError: The logits do not match the labels' (N, H, W).
+    """
     weights = pixel_weights(labels, ignore_label, mask)
     return _pixel_ce(logits, labels, weights), jnp.sum(weights)

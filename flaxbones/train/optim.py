@@ -3,7 +3,7 @@ schedules; weight decay on kernels only; backbone vs head learning rates.
 
 Rules go by leaf *name*, so scanned (stacked, `flaxbones.scan`) and unrolled trees take
 the same updates. An option that would not act raises instead of being dropped."""
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,27 @@ def make_schedule(learning_rate: float, schedule: str = "cosine", *, warmup_step
                   total_steps: int | None = None, boundaries: Sequence[int] | None = None,
                   decay_factor: float | None = None,
                   end_value: float | None = None) -> optax.Schedule:
-    """'constant', 'cosine' (to `end_value`, default 0, at `total_steps`) or 'step'
-    (x `decay_factor`, default 0.1, at each of `boundaries`, absolute steps), after a
-    linear warmup from 0. Options of another schedule raise ValueError."""
+    """A learning-rate schedule: a linear warmup from 0, then constant, cosine or step.
+
+    Options of another schedule raise rather than being dropped.
+
+    Args:
+        learning_rate: The peak learning rate (a float).
+        schedule: 'constant', 'cosine' (to `end_value` at `total_steps`) or 'step'
+            (x `decay_factor` at each of `boundaries`).
+        warmup_steps: Steps of linear warmup from 0 to `learning_rate`.
+        total_steps: The cosine schedule's last step (warmup included).
+        boundaries: The step schedule's decay steps (absolute, warmup included).
+        decay_factor: The step schedule's factor per boundary (default 0.1).
+        end_value: The cosine schedule's final value (default 0).
+
+    Returns:
+        An `optax.Schedule` (step -> learning rate).
+
+    Raises:
+        ValueError: An unknown `schedule`, an option it does not read, a callable
+            `learning_rate`, cosine without `total_steps` or step without `boundaries`.
+    """
     if schedule not in SCHEDULE_OPTIONS:
         raise ValueError(f"unknown schedule {schedule!r}; use 'constant', 'cosine' or 'step'")
     _reject_unused("schedule", schedule, SCHEDULE_OPTIONS[schedule], total_steps=total_steps,
@@ -60,9 +78,17 @@ def make_schedule(learning_rate: float, schedule: str = "cosine", *, warmup_step
     return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def decay_mask(params):
-    """True where weight decay applies: leaves named `kernel` (conv and dense), whatever
-    their rank; not BatchNorm scales/biases nor biases."""
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: leaves named `kernel` (conv and dense), any rank.
+
+    Not BatchNorm scales and biases, nor biases.
+
+    Args:
+        params: A params tree.
+
+    Returns:
+        A tree of bools of the same structure (optax's `mask`).
+    """
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p[-1:]) == "kernel", params)
 
 
@@ -89,20 +115,45 @@ def backbone_labels(params):
             for k, v in params.items()}
 
 
-def make_optimizer(name: str = "sgd", learning_rate=0.1, *, momentum: float | None = None,
+def make_optimizer(name: str = "sgd", learning_rate: float | optax.Schedule = 0.1, *,
+                   momentum: float | None = None,
                    nesterov: bool | None = None, weight_decay: float = 0.0,
                    b1: float | None = None, b2: float | None = None, eps: float | None = None,
                    clip_norm: float | None = None, backbone_lr_mult: float = 1.0,
                    freeze_backbone: bool = False,
-                   **schedule_kwargs) -> optax.GradientTransformation:
-    """An optax transformation. `learning_rate` is a float or schedule; with any of
-    `schedule`, `warmup_steps`, `total_steps`, `boundaries`, ... it is the peak of
-    `make_schedule`. SGD reads `momentum` (default 0.9) and `nesterov` (default False) and
-    decays weights as torch does (L2 added to the gradient before momentum); AdamW and
-    LAMB read `b1`, `b2`, `eps` (0.9, 0.999, 1e-8) and decouple the decay. Any of these
-    given to an optimizer that does not read it raises ValueError. `backbone_lr_mult`
-    scales (or `freeze_backbone` zeroes) the updates of params['backbone']; `clip_norm`
-    clips the global gradient norm first."""
+                   **schedule_kwargs: Any) -> optax.GradientTransformation:
+    """An optax optimizer: SGD (Nesterov), AdamW or LAMB, with decay, clipping and LR splits.
+
+    SGD decays weights as torch does (L2 added to the gradient before momentum); AdamW
+    and LAMB decouple the decay. Weight decay applies to kernels only (`decay_mask`).
+    Rules go by leaf name, so scanned and unrolled trees take the same updates. An
+    option given to an optimizer that does not read it raises ValueError.
+
+    Args:
+        name: 'sgd', 'adamw' or 'lamb'.
+        learning_rate: A float or an optax schedule; with any schedule keyword it is the
+            peak of `make_schedule`.
+        momentum: SGD's momentum (default 0.9).
+        nesterov: SGD's Nesterov momentum (default False).
+        weight_decay: The decay coefficient (0: none).
+        b1: Adam's first-moment decay (AdamW, LAMB; default 0.9).
+        b2: Adam's second-moment decay (default 0.999).
+        eps: Adam's epsilon (default 1e-8).
+        clip_norm: Clip the global gradient norm to this first; None: no clipping.
+        backbone_lr_mult: Scale the updates of params['backbone'] by this.
+        freeze_backbone: Zero the updates of params['backbone'].
+        **schedule_kwargs: `make_schedule`'s options (`schedule`, `warmup_steps`,
+            `total_steps`, `boundaries`, `decay_factor`, `end_value`).
+
+    Returns:
+        The `optax.GradientTransformation`.
+
+    Raises:
+        ValueError: An unknown `name`, an option it does not read, `nesterov` without
+            momentum, `freeze_backbone` with a `backbone_lr_mult`, a schedule error
+            (`make_schedule`), or (at init) a `backbone_lr_mult` / `freeze_backbone` on
+            params without a top-level 'backbone'.
+    """
     if name not in OPTIMIZER_OPTIONS:
         raise ValueError(f"unknown optimizer {name!r}; use 'sgd', 'adamw' or 'lamb'")
     _reject_unused("optimizer", name, OPTIMIZER_OPTIONS[name], momentum=momentum,

@@ -4,6 +4,7 @@ activations on XLA:CPU) lifted over Flax variables and RNGs.
 """
 import dataclasses
 import functools
+from collections.abc import Callable
 
 from flax import linen as nn
 
@@ -17,9 +18,10 @@ tied_remat = functools.partial(remat_module, policy=None)
 DENSE_HEADS = (ClassifierHead, FCHead, LayerNormHead, MobileNetV3Head)
 
 
-def remat_blocks(module: nn.Module, policy=None) -> nn.Module:
-    """A clone of `module` whose blocks keep only their inputs and recompute the rest in
-    the backward pass; outputs, gradients, BatchNorm statistics, dropout masks and
+def remat_blocks(module: nn.Module, policy: Callable[..., bool] | None = None) -> nn.Module:
+    """A clone of `module` whose blocks keep only their inputs and recompute the rest.
+
+    In the backward pass; outputs, gradients, BatchNorm statistics, dropout masks and
     variable paths (so checkpoints and weight files) are unchanged.
 
     Every `layers.ConvNormModule` in the tree (backbones, segmentation heads, GoogLeNet's
@@ -28,12 +30,20 @@ def remat_blocks(module: nn.Module, policy=None) -> nn.Module:
     their Module fields; another module's Module-class fields (an injected `block`) are
     wrapped. Left alone: the pool-then-dense classification heads (`DENSE_HEADS`:
     ClassifierHead, FCHead, LayerNormHead, MobileNetV3Head), whose activations are
-    per-image vectors, nothing beside the feature maps. Any other module raises a
-    ValueError naming it rather than being silently kept whole.
+    per-image vectors, nothing beside the feature maps.
 
-    With `policy=None` blocks use `tied_checkpoint` (effective on every backend, CPU
-    included). A `jax.checkpoint_policies` policy uses `jax.checkpoint` instead, for what
-    the policy saves; XLA:CPU undoes that remat (see `layers.tied`).
+    Args:
+        module: A flaxbones model or backbone (unbound).
+        policy: None: blocks use `tied_checkpoint` (effective on every backend, CPU
+            included). A `jax.checkpoint_policies` policy uses `jax.checkpoint` instead,
+            for what the policy saves; XLA:CPU undoes that remat (see `layers.tied`).
+
+    Returns:
+        The rematerialising clone.
+
+    Raises:
+        ValueError: A module in the tree is none of the above; its path is named rather
+            than it being silently kept whole.
     """
     return _remat(module, True if policy is None else policy, type(module).__name__)
 

@@ -1,6 +1,7 @@
 """Device mesh, sharding rules as data, and global batches from per-host arrays."""
 import re
-from typing import Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -19,11 +20,29 @@ FSDP_RULES: Rules = (
     (r"kernel$", P(None, None, None, "fsdp")),  # conv HWIO
     (r"kernel$", P(None, "fsdp")),              # dense (in, out)
 )
+"""Fully-sharded data parallel rules: conv (HWIO) and dense (in, out) kernels split on
+their output channels over the mesh axis "fsdp"; everything else replicated. Pass them to
+`create_train_state`, `state_shardings` or `tree_shardings` as `rules`."""
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A mesh with axes ("data",) or ("data", "fsdp") when `fsdp` > 1; `data=-1` takes
-    every device left. Spans all hosts' devices: the same call on every process."""
+def make_mesh(data: int = -1, fsdp: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A device mesh with axes ("data",), or ("data", "fsdp") when `fsdp` > 1.
+
+    Spans all hosts' devices: make the same call on every process.
+
+    Args:
+        data: Size of the data-parallel axis; -1 takes every device `fsdp` leaves.
+        fsdp: Size of the fully-sharded axis (parameters split over it by `FSDP_RULES`).
+        devices: The devices to lay out; None takes `jax.devices()`.
+
+    Returns:
+        The `jax.sharding.Mesh`, of `data` x `fsdp` devices.
+
+    Raises:
+        ValueError: `fsdp` does not divide the device count, or `data` x `fsdp` is not
+            the device count.
+    """
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % fsdp:
@@ -74,8 +93,24 @@ def _rule_spec(path, shape, mesh, rules) -> P:
     return P()
 
 
-def tree_shardings(tree, mesh: Mesh, rules: Rules = ()):
-    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by `rules`."""
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = ()) -> Any:
+    """NamedShardings for every leaf of `tree` by `rules`.
+
+    A leaf takes the first rule whose regex matches its path ("params/backbone/.../kernel")
+    and whose PartitionSpec divides its shape; anything unmatched is replicated. A leaf
+    stacked by `flaxbones.scan` gets the spec of one block behind its leading block axis.
+
+    Args:
+        tree: A pytree of arrays or `jax.ShapeDtypeStruct`s (a train state, variables).
+        mesh: The mesh the shardings live on.
+        rules: (regex on a leaf's path, PartitionSpec) pairs, e.g. `FSDP_RULES`.
+
+    Returns:
+        A tree of the same structure with a `NamedSharding` per leaf.
+
+    Raises:
+        ValueError: A matching rule names a mesh axis the mesh lacks.
+    """
     return jax.tree_util.tree_map_with_path(
         lambda p, x: NamedSharding(mesh, spec_for(path_str(p), np.shape(x), mesh, rules)), tree)
 
@@ -86,6 +121,14 @@ def batch_spec(mesh: Mesh) -> P:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a global batch: its leading axis split over every mesh axis.
+
+    Args:
+        mesh: The training mesh.
+
+    Returns:
+        `NamedSharding(mesh, P(mesh.axis_names))`.
+    """
     return NamedSharding(mesh, batch_spec(mesh))
 
 
@@ -108,11 +151,22 @@ def check_batch(batch, num_shards: int, where: str = "global batch", scale: int 
     return size
 
 
-def shard_batch(batch, mesh: Mesh):
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Per-host numpy batch -> global jax.Arrays sharded on the batch axis.
 
     Each process passes its own slice (same size on every host); the global batch is
-    their concatenation in process order (jax.make_array_from_process_local_data).
+    their concatenation in process order (`jax.make_array_from_process_local_data`).
+
+    Args:
+        batch: A pytree (dict) of this host's arrays, sharing one leading batch size.
+        mesh: The training mesh.
+
+    Returns:
+        The same tree of global `jax.Array`s with `batch_sharding(mesh)`.
+
+    Raises:
+        ValueError: The leaves differ in leading size, or the global batch does not
+            divide by the mesh's device count (pad it with `pad_batch`).
     """
     sharding = batch_sharding(mesh)
     check_batch(batch, int(np.prod(list(mesh.shape.values()))), scale=jax.process_count())
@@ -120,9 +174,23 @@ def shard_batch(batch, mesh: Mesh):
                         batch)
 
 
-def pad_batch(batch, multiple: int):
-    """Pad the batch axis up to a multiple with zeros and add/extend a 0/1 `valid` entry,
-    so a last partial batch can run through the same compiled step."""
+def pad_batch(batch: Mapping[str, Any], multiple: int) -> dict[str, np.ndarray]:
+    """Pad the batch axis up to a multiple, adding or extending a 0/1 'valid' entry.
+
+    The padding examples are zeros with valid 0, so a last partial batch runs through the
+    same compiled step and drops out of every loss and metric.
+
+    Args:
+        batch: A dict of host arrays sharing one leading batch size; its 'valid' entry,
+            if any, is kept for the real examples.
+        multiple: The batch size to pad up to a multiple of (e.g. the device count).
+
+    Returns:
+        A new dict with the padded arrays and 'valid' float32 (N_padded,).
+
+    Raises:
+        ValueError: The entries differ in leading size.
+    """
     size = check_batch(batch, 1)
     pad = -size % multiple
     valid = np.asarray(batch.get("valid", np.ones((size,), np.float32)), np.float32)

@@ -4,6 +4,8 @@ One step body serves three drivers: SPMD jit (BatchNorm statistics global over t
 sharded batch), shard_map with per-device BatchNorm ("local"), and pmap (steps/pmap.py).
 """
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from flaxbones.train.precision import Policy
 from flaxbones.train.sharding import batch_spec, check_batch, replicated
+from flaxbones.train.state import TrainState
+from flaxbones.train.tasks import Task
 
 BN_MODES = ("global", "frozen", "local")
 NONFINITE = ("raise", "skip", "ignore")
@@ -197,21 +201,49 @@ def _check_options(bn_mode, nonfinite, accum_steps, check_every=1):
         raise ValueError(f"check_every must be >= 1, got {check_every}")
 
 
-def make_train_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
+def make_train_step(task: Task, mesh: Mesh, state_sharding: TrainState, *,
+                    policy: Policy = Policy(),
                     bn_mode: str = "global", accum_steps: int = 1,
                     nonfinite: str = "raise", check_every: int = 100) -> Step:
     """train_step(state, batch) -> (state, metric sums), jit-compiled over `mesh`.
 
-    bn_mode: "global" (statistics over the whole global batch, as SPMD jit gives),
-    "frozen" (running statistics, no updates, and so no dropout either: the model runs
-    with train=False), "local" (statistics per device, via shard_map, running statistics
-    averaged over devices). accum_steps: gradient accumulation over k micro-batches.
-    nonfinite: what a non-finite loss or gradient does. "raise": the update is dropped on
-    device and `train_step.check_finite()` raises FloatingPointError naming the step; it
-    runs by itself every `check_every` steps (the only host syncs it adds): call it at
-    logging steps and after the last step too. "skip": the update is dropped (`skipped`
-    metric set), nothing raised. "ignore": the update is applied.
-    `state_sharding` is from `state_shardings(...)` or `jax.tree.map(lambda a: a.sharding, state)`.
+    The state is donated (its buffers are reused: keep the returned one). The metric sums
+    (replicated) hold 'loss_sum', 'count', the task's sums, 'grad_norm', 'finite' and
+    'skipped' (and 'loss_scale' under fp16 loss scaling); add them over steps and finish
+    with `summarize`.
+
+    Args:
+        task: The `Task` (Classification, Segmentation, Detection): loss, metrics and
+            batch checks.
+        mesh: The training mesh; the batch is split over all its axes.
+        state_sharding: The state's shardings, from `state_shardings(...)` or
+            `jax.tree.map(lambda a: a.sharding, state)`.
+        policy: The precision policy (input, output casts).
+        bn_mode: "global" (statistics over the whole global batch, as SPMD jit gives),
+            "frozen" (running statistics, no updates, and so no dropout either: the
+            model runs with train=False), or "local" (statistics per device, via
+            shard_map, running statistics averaged over devices).
+        accum_steps: Gradient accumulation over this many micro-batches per step.
+        nonfinite: What a non-finite loss or gradient does. "raise": the update is
+            dropped on device and `train_step.check_finite()` raises FloatingPointError
+            naming the step; it runs by itself every `check_every` steps (the only host
+            syncs it adds): call it at logging steps and after the last step too.
+            "skip": the update is dropped (`skipped` metric set), nothing raised.
+            "ignore": the update is applied.
+        check_every: Steps between the automatic `check_finite()` calls ("raise").
+
+    Returns:
+        The step, a callable `(state, batch) -> (state, metrics)` with a
+            `check_finite()` method.
+
+    Raises:
+        ValueError: An unknown `bn_mode` or `nonfinite`, `accum_steps` or `check_every`
+            below 1; when called, a batch that does not split over the devices and
+            micro-batches, fails the task's checks, or `bn_mode="frozen"` for a task
+            whose losses need train mode (detection).
+        FloatingPointError: From `check_finite()` (nonfinite="raise"), after a step
+            with a non-finite loss or gradients.
+        KeyError: When called, a batch without the entries the task reads.
     """
     _check_options(bn_mode, nonfinite, accum_steps, check_every)
     axes = tuple(mesh.axis_names)
@@ -228,21 +260,55 @@ def make_train_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy
     return Step(fn, int(np.prod(list(mesh.shape.values()))), accum_steps, nonfinite, check_every)
 
 
-def make_eval_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
+def make_eval_step(task: Task, mesh: Mesh, state_sharding: TrainState, *,
+                   policy: Policy = Policy(),
                    use_ema: bool = False) -> Step:
-    """eval_step(state, batch) -> metric sums over the global batch (padded examples,
-    valid=False, left out). Add the sums over batches, then `metrics.summarize`."""
+    """eval_step(state, batch) -> metric sums over the global batch, jit-compiled.
+
+    The model runs in inference mode (running BatchNorm statistics); padded examples
+    (valid=False) are left out. Add the sums over batches, then `summarize`.
+
+    Args:
+        task: The `Task` whose loss and metrics to sum.
+        mesh: The mesh the batch is split over.
+        state_sharding: The state's shardings (as for `make_train_step`).
+        policy: The precision policy.
+        use_ema: Evaluate the state's `ema_params` instead of its `params`.
+
+    Returns:
+        The step, a callable `(state, batch) -> metric sums` (replicated arrays).
+
+    Raises:
+        ValueError: When called: a batch that does not split over the devices or fails
+            the task's checks, or `use_ema` with a state that has no EMA.
+        KeyError: When called, a batch without the entries the task reads.
+    """
     fn = jax.jit(functools.partial(eval_body, task=task, policy=policy, use_ema=use_ema),
                  in_shardings=(state_sharding, NamedSharding(mesh, batch_spec(mesh))),
                  out_shardings=replicated(mesh))
     return Step(fn, int(np.prod(list(mesh.shape.values()))))
 
 
-def make_predict_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Policy(),
-                      use_ema: bool = False):
-    """predict_step(state, batch) -> the model's inference outputs, split over the batch
-    like the batch (for metrics over a whole split, such as COCO AP: bring each host's
-    rows home with `host_rows`)."""
+def make_predict_step(task: Task, mesh: Mesh, state_sharding: TrainState, *,
+                      policy: Policy = Policy(), use_ema: bool = False) -> Callable[..., Any]:
+    """predict_step(state, batch) -> the model's inference outputs, jit-compiled.
+
+    The outputs are split over the batch like the batch; for metrics over a whole split
+    (such as COCO AP), bring each host's rows home with `host_rows`.
+
+    Args:
+        task: The `Task` that says what the model takes besides the images.
+        mesh: The mesh the batch is split over.
+        state_sharding: The state's shardings (as for `make_train_step`).
+        policy: The precision policy.
+        use_ema: Run the state's `ema_params` instead of its `params`.
+
+    Returns:
+        The jitted function `(state, batch) -> outputs`.
+
+    Raises:
+        ValueError: `use_ema` while the state has no EMA.
+    """
     def predict(state, batch):
         params = state.ema_params if use_ema else state.params
         args, kwargs = task.model_inputs(batch, train=False)
@@ -256,8 +322,17 @@ def make_predict_step(task, mesh: Mesh, state_sharding, *, policy: Policy = Poli
     return jax.jit(predict, in_shardings=(state_sharding, sharding), out_shardings=sharding)
 
 
-def host_rows(tree, mesh: Mesh):
-    """This host's rows of batch-split global arrays, as numpy (what it fed in)."""
+def host_rows(tree: Any, mesh: Mesh) -> Any:
+    """This host's rows of batch-split global arrays, as numpy (what it fed in).
+
+    Args:
+        tree: A pytree of global arrays split over the batch axis (e.g. a predict step's
+            outputs).
+        mesh: The mesh they are sharded over.
+
+    Returns:
+        The same tree of numpy arrays holding this process's rows.
+    """
     from jax.experimental import multihost_utils
     local = multihost_utils.global_array_to_host_local_array(tree, mesh, batch_spec(mesh))
     return jax.device_get(local)

@@ -9,6 +9,10 @@ Model outputs follow flaxbones' output contract: a dict with the main logits und
 them. Every auxiliary output adds `aux_weight` x its own loss; metrics read 'out'.
 """
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
 
 from flaxbones.train import losses, metrics
 
@@ -46,28 +50,59 @@ def _with_aux(outputs, loss, aux_weight):
 
 
 class Task:
-    """What the steps ask of a task: `check(batch)`, `count(batch)` (examples the loss
-    averages over), `loss(outputs, batch) -> (sum, count)`, `metrics(outputs, batch)` (sums),
-    and `model_inputs(batch, train) -> (args, kwargs)`, what the model takes besides the
-    images (nothing here; a detector's image sizes and targets)."""
+    """What the steps ask of a task (the base of Classification, Segmentation, Detection).
+
+    A task implements `check(batch)` (raising on a malformed batch), `count(batch)` (the
+    examples, or pixels, the loss averages over), `loss(outputs, batch) -> (sum, count)`,
+    `metrics(outputs, batch)` (a dict of sums, added over batches and finished by
+    `summarize`) and `model_inputs(batch, train)`. `losses_need_train_mode` is True where
+    the model gives losses only with train=True (detectors).
+    """
 
     losses_need_train_mode = False  # True: the model gives losses only with train=True
 
-    def model_inputs(self, batch, train: bool):
+    def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[tuple, dict]:
+        """What the model takes besides the images.
+
+        Args:
+            batch: The batch dict.
+            train: Whether the call is a training one.
+
+        Returns:
+            (positional args, keyword args) after the images, both empty here; a
+                detector's image sizes (and, in training, its targets).
+        """
         return (), {}
 
 
 @dataclasses.dataclass(frozen=True)
 class Classification(Task):
-    """Softmax cross-entropy with label smoothing, plus `aux_weight` (GoogLeNet's 0.3) x
-    that of each auxiliary output; top-k accuracy. Labels: batch['label']."""
+    """Softmax cross-entropy (with label smoothing) and top-k accuracy; labels batch['label'].
+
+    Each auxiliary output (GoogLeNet's 'aux1', 'aux2') adds `aux_weight` x its own loss.
+
+    Attributes:
+        label_smoothing: The smoothing a: targets (1 - a) one-hot + a / C.
+        topk: The k of the 'top{k}' correct counts (those up to the class count).
+        aux_weight: The weight of each auxiliary output's loss (GoogLeNet's 0.3).
+    """
 
     label_smoothing: float = 0.0
     topk: tuple[int, ...] = (1, 5)
     aux_weight: float = 0.3
     label_key = "label"
 
-    def check(self, batch):
+    def check(self, batch: Mapping[str, Any]) -> None:
+        """Check the batch's entries and shapes before it is traced.
+
+        Args:
+            batch: The batch dict (flaxbones.data's format).
+
+        Raises:
+            KeyError: 'image' or 'label' is missing.
+            ValueError: An entry has the wrong rank or shape
+                (labels (N,)), or the batch sizes differ.
+        """
         _check_common(batch, self.label_key)
         if batch["label"].ndim != 1:
             raise ValueError(f"classification labels must be (N,), got {batch['label'].shape}")
@@ -75,32 +110,83 @@ class Classification(Task):
     def _mask(self, batch):
         return losses.example_mask(batch, batch["label"].shape[0])
 
-    def count(self, batch):
+    def count(self, batch: Mapping[str, Any]) -> jax.Array:
+        """The number the loss is averaged over: the valid examples.
+
+        Args:
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            A float32 scalar.
+        """
         return self._mask(batch).sum()
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs: Mapping[str, Any],
+             batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """The summed loss of the batch: cross-entropy of 'out' and the auxiliary outputs.
+
+        Args:
+            outputs: The model's output dict ('out' logits (N, C)).
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            (loss sum, count), float32 scalars; their ratio is the mean loss.
+
+        Raises:
+            TypeError: `outputs` is not a dict with 'out'.
+            ValueError: The logits are not (N, C) for (N,) labels.
+        """
         def loss(logits):
             return losses.softmax_cross_entropy(logits, batch["label"], self.label_smoothing,
                                                 self._mask(batch))
         return _with_aux(outputs, loss, self.aux_weight)
 
-    def metrics(self, outputs, batch):
+    def metrics(self, outputs: Mapping[str, Any],
+                batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """The metric sums of the batch: top-k correct counts of 'out'.
+
+        Args:
+            outputs: The model's output dict ('out' logits (N, C)).
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            A dict of 'top1', 'top5', ... counts of valid examples whose label is within
+                the top k.
+        """
         logits, _ = _main_and_aux(outputs)
         return metrics.topk_correct(logits, batch["label"], self.topk, self._mask(batch))
 
 
 @dataclasses.dataclass(frozen=True)
 class Segmentation(Task):
-    """Per-pixel cross-entropy ignoring `ignore_label`, plus `aux_weight` x that of each
-    auxiliary output; a confusion matrix giving mIoU and pixel accuracy.
-    Labels: batch['segmentation']."""
+    """Per-pixel cross-entropy ignoring `ignore_label`; mIoU and pixel accuracy.
+
+    Labels are batch['segmentation'] (N, H, W); each auxiliary output (a segmenter's
+    'aux') adds `aux_weight` x its own loss. The metric is a confusion matrix.
+
+    Attributes:
+        num_classes: The model's class count (the confusion matrix's size).
+        ignore_label: The label of pixels left out of loss and metrics (255: void,
+            padding).
+        aux_weight: The weight of the auxiliary output's loss (torchvision's 0.4).
+    """
 
     num_classes: int
     ignore_label: int = 255
     aux_weight: float = 0.4
     label_key = "segmentation"
 
-    def check(self, batch):
+    def check(self, batch: Mapping[str, Any]) -> None:
+        """Check the batch's entries and shapes before it is traced.
+
+        Args:
+            batch: The batch dict (flaxbones.data's format).
+
+        Raises:
+            KeyError: 'image' or 'segmentation' is missing.
+            ValueError: An entry has the wrong rank or shape
+                (labels (N, H, W), the images'), or the batch sizes differ.
+        """
         _check_common(batch, self.label_key)
         labels = batch["segmentation"]
         if labels.shape != batch["image"].shape[:3]:
@@ -112,10 +198,32 @@ class Segmentation(Task):
         return losses.pixel_weights(labels, self.ignore_label,
                                     losses.example_mask(batch, labels.shape[0]))
 
-    def count(self, batch):
+    def count(self, batch: Mapping[str, Any]) -> jax.Array:
+        """The number the loss is averaged over: the labelled pixels of valid examples.
+
+        Args:
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            A float32 scalar.
+        """
         return self._weights(batch).sum()
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs: Mapping[str, Any],
+             batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """The summed loss of the batch: per-pixel cross-entropy of 'out' and the auxiliary outputs.
+
+        Args:
+            outputs: The model's output dict ('out' logits (N, H, W, C)).
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            (loss sum, count), float32 scalars; their ratio is the mean loss.
+
+        Raises:
+            TypeError: `outputs` is not a dict with 'out'.
+            ValueError: The logits do not match the (N, H, W) labels.
+        """
         labels = batch["segmentation"]
         mask = losses.example_mask(batch, labels.shape[0])
 
@@ -123,7 +231,21 @@ class Segmentation(Task):
             return losses.segmentation_cross_entropy(logits, labels, self.ignore_label, mask)
         return _with_aux(outputs, loss, self.aux_weight)
 
-    def metrics(self, outputs, batch):
+    def metrics(self, outputs: Mapping[str, Any],
+                batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """The metric sums of the batch: the confusion matrix of 'out'.
+
+        Args:
+            outputs: The model's output dict ('out' logits (N, H, W, C)).
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            A dict with 'confusion', int32 (num_classes, num_classes + 1) counts, rows
+                the true class, the last column no valid prediction.
+
+        Raises:
+            ValueError: The logits' class count is not `num_classes`.
+        """
         logits, _ = _main_and_aux(outputs)
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[-1]} classes, the task {self.num_classes}")
@@ -137,22 +259,34 @@ TARGET_KEYS = ("boxes", "labels", "instance_valid", "masks", "keypoints")
 
 @dataclasses.dataclass(frozen=True)
 class Detection(Task):
-    """A detector's training loss: the sum of its loss terms (torchvision's loss dict, each
-    scaled by `loss_weights.get(name, 1)`), every term also reported as a metric.
+    """A detector's training loss: the sum of its loss terms, each also reported as a metric.
 
+    The terms are torchvision's loss dict, each scaled by `loss_weights.get(name, 1)`.
     Batch (flaxbones.data.detection): 'image', 'image_size' (N, 2) valid (h, w), padded
-    ground truth 'boxes' (N, G, 4) xyxy, 'labels' (N, G), 'instance_valid' (N, G), optional
-    'masks' (N, G, H, W) and 'keypoints' (N, G, K, 3). Every example of a training batch
-    must be a real image (the training streams drop the remainder): the detectors' losses
-    are means over the batch, as torchvision's. Evaluation is COCO AP over whole splits
-    (flaxbones.detection.coco_eval), not a per-batch metric.
+    ground truth 'boxes' (N, G, 4) xyxy, 'labels' (N, G), 'instance_valid' (N, G),
+    optional 'masks' (N, G, H, W) and 'keypoints' (N, G, K, 3). Every example of a
+    training batch must be a real image (the training streams drop the remainder): the
+    detectors' losses are means over the batch, as torchvision's. Evaluation is COCO AP
+    over whole splits (flaxbones.detection.coco_eval), not a per-batch metric.
+
+    Attributes:
+        loss_weights: (term name, weight) pairs, e.g. (('loss_mask', 2.0),).
     """
 
     loss_weights: tuple[tuple[str, float], ...] = ()
     label_key = "boxes"
     losses_need_train_mode = True
 
-    def check(self, batch):
+    def check(self, batch: Mapping[str, Any]) -> None:
+        """Check the batch's entries and shapes before it is traced.
+
+        Args:
+            batch: The batch dict (flaxbones.data's format).
+
+        Raises:
+            KeyError: 'image' or 'boxes', 'image_size', 'labels' or 'instance_valid' is missing.
+            ValueError: An entry has the wrong rank or shape, or the batch sizes differ.
+        """
         _check_common(batch, self.label_key)
         for key in ("image_size", "labels", "instance_valid"):
             if key not in batch:
@@ -167,13 +301,32 @@ class Detection(Task):
         if batch["image_size"].shape != (n, 2):
             raise ValueError(f"batch['image_size'] must be (N, 2), got {batch['image_size'].shape}")
 
-    def model_inputs(self, batch, train: bool):
+    def model_inputs(self, batch: Mapping[str, Any], train: bool) -> tuple[tuple, dict]:
+        """The detector's inputs besides the images.
+
+        Args:
+            batch: The batch dict.
+            train: Whether the call is a training one.
+
+        Returns:
+            ((image_size,), {}) in inference, and ((image_size,), dict(targets=...)) in
+                training, the targets being the batch's 'boxes', 'labels',
+                'instance_valid', and 'masks' / 'keypoints' when present.
+        """
         if not train:
             return (batch["image_size"],), {}
         targets = {k: batch[k] for k in TARGET_KEYS if k in batch}
         return (batch["image_size"],), {"targets": targets}
 
-    def count(self, batch):
+    def count(self, batch: Mapping[str, Any]) -> jax.Array:
+        """The number the loss is averaged over: the valid examples.
+
+        Args:
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            A float32 scalar.
+        """
         return losses.example_mask(batch, batch["boxes"].shape[0]).sum()
 
     def _terms(self, outputs):
@@ -188,10 +341,35 @@ class Detection(Task):
                              f"compute; its terms are {sorted(outputs)}")
         return {k: v * weights.get(k, 1.0) for k, v in outputs.items()}
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs: Mapping[str, Any],
+             batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """The summed loss of the batch: the weighted sum of the detector's terms, times the count.
+
+        Args:
+            outputs: The model's output dict (in train mode, the loss terms).
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            (loss sum, count), float32 scalars; their ratio is the mean loss.
+
+        Raises:
+            TypeError: `outputs` are detections, not loss terms (not called with
+                train=True and targets).
+            ValueError: `loss_weights` names a term the detector does not compute.
+        """
         count = self.count(batch)
         return sum(self._terms(outputs).values()) * count, count
 
-    def metrics(self, outputs, batch):
+    def metrics(self, outputs: Mapping[str, Any],
+                batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """The metric sums of the batch: each weighted loss term times the count.
+
+        Args:
+            outputs: The model's output dict (in train mode, the loss terms).
+            batch: The batch dict (flaxbones.data's format).
+
+        Returns:
+            A dict of '<term>_sum' per loss term; `summarize` makes them means.
+        """
         count = self.count(batch)
         return {f"{k}_sum": v * count for k, v in self._terms(outputs).items()}
