@@ -115,9 +115,15 @@ def abstract_variables(name: str, kwargs: dict) -> dict:
 
 
 def _fresh(name, kwargs, rng, keys):
+    """Freshly initialised leaves `keys` ('params/head/...'): only they leave the jitted init,
+    so XLA drops the forward pass and every other initialiser before compiling."""
     init, rngs, images = _init(name, kwargs, rng)
-    fresh = traverse_util.flatten_dict(jax.jit(init)(rngs, images), sep="/")
-    return {k: fresh[k] for k in keys}
+
+    def init_keys(rngs, images):
+        fresh = traverse_util.flatten_dict(init(rngs, images), sep="/")
+        return {k: fresh[k] for k in keys}
+
+    return jax.jit(init_keys)(rngs, images)
 
 
 def check_variables(flat: dict, target: dict, what: str, consequence: str = "nothing was loaded",
