@@ -28,7 +28,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 CLASSES = ("background", "circle", "square", "triangle")
+"""The per-pixel classes of `segmentation_mask`, index = class id."""
 INSTANCE_CLASSES = CLASSES[1:]  # objects/label: 0-based; a detector adds background at 0
+"""The classes of 'objects/label' in the instances configs, 0-based (a detector adds
+background at 0)."""
 _SPLITS = ("train", "test")
 
 

@@ -34,12 +34,14 @@ output) are written once as one with `store_detection_dataset`, then read as any
 """
 import dataclasses
 import re
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
+from jax.sharding import Mesh
 
 from flaxbones.data import pipeline, sources
 
@@ -49,8 +51,13 @@ COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 
                      46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
                      65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88,
                      89, 90)
+"""TFDS coco/2017's 80 contiguous labels -> the 91-category ids of torchvision's detectors:
+`detection_pipeline(..., label_map=COCO_CATEGORY_IDS)`."""
 # COCO person keypoints: left <-> right (torchvision references' _flip_coco_person_keypoints).
 COCO_PERSON_KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
+"""COCO person keypoints' left <-> right permutation under a horizontal flip (torchvision
+references' `_flip_coco_person_keypoints`): `detection_pipeline`'s default for 17
+keypoints."""
 
 _REQUIRED = ("image", "objects/bbox", "objects/label")
 _OPTIONAL = ("image/id", "objects/is_crowd", "objects/mask", "objects/keypoints")
@@ -62,8 +69,11 @@ _INVALID_ARGUMENT = tf.errors.InvalidArgumentError
 
 @dataclasses.dataclass(frozen=True)
 class DetectionPipeline(pipeline.Pipeline):
-    """A `Pipeline` of detection batches; an image with more than max_instances instances
-    surfaces as a ValueError naming it."""
+    """A `Pipeline` of detection batches.
+
+    An image with more than `max_instances` instances surfaces as a ValueError naming it
+    during iteration, never as a silent drop.
+    """
 
     def __iter__(self):
         try:
@@ -77,27 +87,81 @@ class DetectionPipeline(pipeline.Pipeline):
 
 def detection_pipeline(name: str = "flaxbones_shapes/instances", split: str | None = None, *,
                        batch_size: int, train: bool, model: str | None = None,
-                       min_size=None, max_size=None, fixed_size=None, size_divisible=None,
-                       mean=None, std=None, size_buckets: int | None = 8, pad_size=None,
-                       max_instances: int = 100, label_offset: int = 1, label_map=None,
+                       min_size: int | Sequence[int] | None = None,
+                       max_size: int | None = None, fixed_size: tuple[int, int] | None = None,
+                       size_divisible: int | None = None,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       size_buckets: int | None = 8,
+                       pad_size: int | tuple[int, int] | None = None,
+                       max_instances: int = 100, label_offset: int = 1,
+                       label_map: Sequence[int] | None = None,
                        masks: bool | None = None, keypoints: bool | None = None,
-                       keypoint_flip_map=None, flip_prob: float = 0.5,
-                       data_dir: str | None = None, builder=None, mesh=None, seed: int = 0,
+                       keypoint_flip_map: Sequence[int] | None = None, flip_prob: float = 0.5,
+                       data_dir: str | None = None,
+                       builder: tfds.core.DatasetBuilder | None = None,
+                       mesh: Mesh | None = None, seed: int = 0,
                        cache: bool = False, shuffle_buffer: int = 1_000,
                        process_index: int | None = None, process_count: int | None = None,
                        start_batch: int = 0) -> DetectionPipeline:
-    """A `DetectionPipeline` of TFDS dataset `name` (or a prepared `builder`), batches as in
-    the module docstring.
+    """A `DetectionPipeline` of TFDS dataset `name` (or a prepared `builder`).
 
-    The resize rule and normalisation are the registered detector `model`'s
-    (`detection.transform_settings`), each overridable; without a model pass mean and std
-    (min_size 800, max_size 1333, size_divisible 32 then). `min_size` may be a tuple:
-    training draws one per image (torchvision's multi-scale training), evaluation uses the
-    last. `masks` / `keypoints`: None = when the dataset has them. `label_map` (a sequence,
-    raw label -> class id, e.g. COCO_CATEGORY_IDS) replaces `label_offset`. With several
-    hosts every batch is padded to the largest bucket (hosts must agree on shapes) unless
-    `pad_size` fixes one. Train: endless, resumable at `start_batch`, seeded by `seed`;
-    eval: one pass in order, padded (`valid` False) to whole batches (`pipeline.build`).
+    Batches (B = batch, G = max_instances, H x W a size bucket): 'image' float32
+    (B, H, W, 3) normalised, zero beyond 'image_size'; 'image_size' int32 (B, 2) (h, w)
+    after resize; 'original_size' int32 (B, 2); 'image_id' int64 (B,) (-1 for padding);
+    'boxes' float32 (B, G, 4) xyxy pixels of the resized image; 'labels' int32 (B, G);
+    'instance_valid' bool (B, G); 'masks' uint8 (B, G, H, W) and 'keypoints' float32
+    (B, G, K, 3) when used; 'valid' bool (B,). H and W are the padded-size buckets of
+    the batch's largest image, so a step compiles a bounded number of times. Crowd
+    instances and empty boxes are dropped, as in torchvision's references.
+
+    Args:
+        name: The TFDS dataset with 'image', 'objects/bbox' and 'objects/label'
+            (e.g. 'flaxbones_shapes/instances', 'coco/2017').
+        split: The TFDS split; None: 'train', or the first of validation / test.
+        batch_size: The global batch size (all hosts).
+        train: A shuffled, flipped, endless training stream, else one eval pass.
+        model: A registered detector whose resize rule and normalisation to use
+            (`flaxbones.detection.transform_settings`); None: pass mean and std
+            (min_size 800, max_size 1333, size_divisible 32 then).
+        min_size: The shorter side's target; a tuple draws one per training image
+            (multi-scale training), evaluation uses the last.
+        max_size: The longer side's cap.
+        fixed_size: Resize every image to this (w, h) instead (SSD's rule).
+        size_divisible: Pad sides to a multiple of this.
+        mean: Per-channel mean on the [0, 1] scale, overriding the model's.
+        std: Per-channel standard deviation on the [0, 1] scale.
+        size_buckets: The number of padded-size buckets per axis.
+        pad_size: Pad every batch to this int or (H, W) instead of a bucket.
+        max_instances: G, the instances per image the batch holds.
+        label_offset: Added to the raw 0-based labels (1: background is 0).
+        label_map: A sequence mapping raw label -> class id (e.g. `COCO_CATEGORY_IDS`),
+            replacing `label_offset`.
+        masks: Include instance masks; None: when the dataset has them.
+        keypoints: Include keypoints; None: when the dataset has them.
+        keypoint_flip_map: The keypoint permutation of a horizontal flip (default
+            `COCO_PERSON_KEYPOINT_FLIP` for 17 keypoints).
+        flip_prob: The training flip probability.
+        data_dir: The TFDS data directory the dataset is prepared in.
+        builder: A prepared TFDS builder to read instead of loading `name`.
+        mesh: Yield global jax.Arrays split over every axis of this mesh; with several
+            hosts every batch is padded to the largest bucket unless `pad_size` is set.
+        seed: The seed of the shuffle and the augmentations.
+        cache: Keep the undecoded records in memory after their first read.
+        shuffle_buffer: Training shuffles within pieces of this many records.
+        process_index: This host's index (None: `jax.process_index()`).
+        process_count: The number of hosts (None: `jax.process_count()`).
+        start_batch: Resume a training stream exactly after this many batches.
+
+    Returns:
+        The `DetectionPipeline`.
+
+    Raises:
+        DatasetNotPreparedError: The dataset is not prepared in `data_dir`.
+        ValueError: A dataset without the detection features (or the masks /
+            keypoints asked for), keypoints to flip without a matching flip map,
+            `max_instances` < 1, missing or invalid normalisation, a `batch_size` not
+            divisible by the hosts or devices; during iteration, an image with more
+            than `max_instances` instances.
     """
     builder = builder or sources.load_builder(name, data_dir)
     name = builder.info.full_name

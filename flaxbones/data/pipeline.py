@@ -2,6 +2,7 @@
 padded eval pass, batch, prefetch, and delivery as numpy batches or global jax.Arrays."""
 import collections
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -17,12 +18,18 @@ from flaxbones.train.sharding import batch_sharding
 class Pipeline:
     """An iterable of batches (dicts of arrays, leading axis = global batch).
 
-    `dataset` holds this host's part of each batch. With a `mesh`, iteration yields
-    global jax.Arrays sharded as the train steps expect (`train.sharding.batch_sharding`:
-    split over every mesh axis; two batches prefetched to devices); without, numpy
-    arrays of this host's part. `num_batches` is the length of one eval pass (every
-    example once, padding marked `valid=False`); a training stream is endless (None).
-    `steps_per_epoch` = examples // global batch.
+    With a `mesh`, iteration yields global jax.Arrays sharded as the train steps expect
+    (`flaxbones.train.batch_sharding`: split over every mesh axis; two batches prefetched
+    to devices); without, numpy arrays of this host's part. An eval pipeline is one pass
+    (every example once, padding marked `valid=False`); a training stream is endless.
+
+    Attributes:
+        dataset: The `tf.data.Dataset` of this host's part of each batch.
+        batch_size: The global batch size.
+        num_examples: The examples in the split (all hosts).
+        num_batches: The length of one eval pass; None for a training stream.
+        num_classes: The dataset's class count, when known.
+        mesh: The mesh batches are sharded over, or None for numpy batches.
     """
 
     dataset: tf.data.Dataset
@@ -34,6 +41,7 @@ class Pipeline:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Training steps per epoch: num_examples // batch_size."""
         return self.num_examples // self.batch_size
 
     def __len__(self):
@@ -55,13 +63,37 @@ class Pipeline:
 
 
 def to_global(batch: dict, mesh: Mesh) -> dict:
-    """This host's part of a batch -> global jax.Arrays with the train steps' batch sharding."""
+    """This host's part of a batch -> global jax.Arrays with the train steps' batch sharding.
+
+    Args:
+        batch: A flat dict of this host's numpy arrays (equal leading sizes on every
+            host).
+        mesh: The training mesh.
+
+    Returns:
+        The dict of global `jax.Array`s, split over every mesh axis.
+    """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def normalization(model=None, mean=None, std=None):
-    """(mean, std) on the [0, 1] scale: explicit values, else the weight source of `model`."""
+def normalization(model: str | None = None, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on the [0, 1] scale: explicit values, else the weight source of `model`.
+
+    Args:
+        model: A registered model name whose weight source gives mean and std.
+        mean: Three per-channel means (with `std`).
+        std: Three per-channel standard deviations, > 0.
+
+    Returns:
+        (mean, std), tuples of three floats.
+
+    Raises:
+        ValueError: Only one of mean and std, neither them nor a model, a model without
+            a weight source, or values that are not three (std > 0).
+    """
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std, or neither")
     if mean is None:

@@ -7,25 +7,72 @@ Train: random scale in `scale_range` (0.5-2.0), pad to at least the crop (image 
 Eval: the full image, shrunk only if larger than `eval_size`, padded to it with 255
 labels, so padding never counts in a metric that skips 255.
 """
+from collections.abc import Sequence
+
 import tensorflow as tf
+from jax.sharding import Mesh
 
 from flaxbones.data import pipeline, sources, transforms
 
 
 def segmentation_pipeline(name: str = "flaxbones_shapes", split: str | None = None, *,
-                          batch_size: int, train: bool, crop_size=None, eval_size=None,
-                          scale_range=(0.5, 2.0), data_dir: str | None = None,
-                          model: str | None = None, mean=None, std=None, mesh=None,
+                          batch_size: int, train: bool,
+                          crop_size: int | tuple[int, int] | None = None,
+                          eval_size: int | tuple[int, int] | None = None,
+                          scale_range: tuple[float, float] = (0.5, 2.0),
+                          data_dir: str | None = None, model: str | None = None,
+                          mean: Sequence[float] | None = None,
+                          std: Sequence[float] | None = None, mesh: Mesh | None = None,
                           seed: int = 0, cache: bool = False, shuffle_buffer: int = 1_000,
                           process_index: int | None = None, process_count: int | None = None,
                           start_batch: int = 0,
                           spec: sources.DatasetSpec | None = None) -> pipeline.Pipeline:
-    """A `Pipeline` of segmentation batches of TFDS dataset `name` (see module docstring).
+    """A `Pipeline` of semantic segmentation batches of TFDS dataset `name`.
 
-    `crop_size` / `eval_size` are ints or (h, w); both default to the dataset's image
-    size when it is fixed (the built-in dataset, Cityscapes), `eval_size` else to
-    `crop_size`. `batch_size` is global. Training shuffles within pieces of
-    `shuffle_buffer` records and resumes exactly at `start_batch` (`pipeline.build`).
+    Batches: 'image' float32 (N, H, W, 3) normalised, 'segmentation' int32 (N, H, W) with
+    `IGNORE_LABEL` (255) where there is no label, 'valid' bool (N,). Train: random scale
+    in `scale_range`, pad to at least the crop (image with 0, the mean colour after
+    normalisation; labels with 255), random crop, flip. Eval: the full image, shrunk
+    only if larger than `eval_size`, padded to it with 255 labels, so padding never
+    counts in a metric that skips 255.
+
+    Args:
+        name: The TFDS dataset ('flaxbones_shapes', 'oxford_iiit_pet', 'cityscapes', ...).
+        split: The TFDS split; None: the dataset's train or eval split.
+        batch_size: The global batch size (all hosts).
+        train: A shuffled, augmented, endless training stream, else one eval pass.
+        crop_size: The training crop, an int or (h, w); None: the dataset's fixed image
+            size.
+        eval_size: The eval size, an int or (h, w); None: the dataset's fixed image
+            size, else `crop_size`.
+        scale_range: The training scale range.
+        data_dir: The TFDS data directory the dataset is prepared in (None: TFDS's
+            default).
+        model: A registered model name whose weight source gives mean and std.
+        mean: Per-channel mean on the [0, 1] scale (with `std`), instead of `model`'s.
+        std: Per-channel standard deviation on the [0, 1] scale.
+        mesh: Yield global jax.Arrays split over every axis of this mesh; None: numpy
+            arrays of this host's part.
+        seed: The seed of the shuffle and the augmentations (with the host index).
+        cache: Keep the undecoded records in memory after their first read.
+        shuffle_buffer: Training shuffles within pieces of this many records.
+        process_index: This host's index (None: `jax.process_index()`).
+        process_count: The number of hosts (None: `jax.process_count()`).
+        start_batch: Resume a training stream exactly after this many batches, decoding
+            nothing it skips.
+        spec: Feature keys, classes and label map of a dataset flaxbones does not list.
+
+    Returns:
+        The `Pipeline`; its `num_classes` is the dataset's class count when known.
+
+    Raises:
+        DatasetNotPreparedError: The dataset is not prepared in `data_dir` (the message
+            says how to prepare it; only the built-in dataset is generated).
+        ValueError: Normalisation not given (neither `model` nor mean and std), a
+            `batch_size` not divisible by the hosts or the mesh's devices, or an unknown
+            dataset name (TFDS's).
+            Also a dataset without known segmentation masks, or no size where the
+            images vary in size.
     """
     spec = spec or sources.dataset_spec(name)
     if spec.segmentation_key is None:

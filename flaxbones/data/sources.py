@@ -11,6 +11,8 @@ import tensorflow_datasets as tfds
 from flaxbones.data import builtin
 
 IGNORE_LABEL = 255
+"""The segmentation label of pixels without a class (void, padding): losses and metrics
+skip it."""
 
 # Cityscapes labelId -> trainId (19 classes), unlisted ids ignored (cityscapesScripts labels.py).
 _CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
@@ -22,8 +24,18 @@ CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """Feature keys and splits of a TFDS dataset; `segmentation_map` relabels raw mask values
-    (value -> class, unlisted values -> IGNORE_LABEL), None keeps them as they are."""
+    """Feature keys and splits of a TFDS dataset, and how its masks map to classes.
+
+    Attributes:
+        image_key: The image feature.
+        label_key: The image-level class feature, or None (no classification).
+        segmentation_key: The mask feature, or None (no segmentation).
+        segmentation_classes: The class names of the (relabelled) masks.
+        segmentation_map: Raw mask value -> class (unlisted values -> `IGNORE_LABEL`);
+            None keeps the values as they are.
+        train_split: The default training split.
+        eval_split: The default evaluation split.
+    """
 
     image_key: str = "image"
     label_key: str | None = "label"
@@ -33,8 +45,13 @@ class DatasetSpec:
     train_split: str = "train"
     eval_split: str = "test"
 
-    def label_table(self):
-        """The 256-entry relabelling table for `transforms.map_labels`, or None."""
+    def label_table(self) -> list[int] | None:
+        """The 256-entry relabelling table of `segmentation_map`.
+
+        Returns:
+            The class of every raw value 0..255 (`IGNORE_LABEL` where unlisted), or None
+                without a map.
+        """
         if self.segmentation_map is None:
             return None
         return [self.segmentation_map.get(v, IGNORE_LABEL) for v in range(256)]
@@ -56,6 +73,8 @@ DATASETS = {
     "flaxbones_shapes": DatasetSpec(segmentation_key="segmentation_mask",
                                     segmentation_classes=builtin.CLASSES),
 }
+"""The datasets the pipelines know by name: their feature keys, splits and mask classes.
+Another TFDS dataset gets `DatasetSpec()`'s defaults, or pass `spec=`."""
 BUILTIN = ("flaxbones_shapes",)
 
 
@@ -65,11 +84,26 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-    """A TFDS dataset is not in the data_dir; the message says how to prepare it."""
+    """A TFDS dataset is not in the data_dir; the message says how to prepare it.
+
+    A `FileNotFoundError`: flaxbones never downloads while loading.
+    """
 
 
 def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder of `name`; the built-in dataset is generated on first use."""
+    """The prepared TFDS builder of `name`; the built-in dataset is generated on first use.
+
+    Args:
+        name: A TFDS name, 'name/config:version' allowed.
+        data_dir: The TFDS data directory (None: TFDS's default).
+
+    Returns:
+        The prepared `tfds.core.DatasetBuilder`.
+
+    Raises:
+        DatasetNotPreparedError: The dataset is not prepared in `data_dir`.
+        ValueError: TFDS does not know `name`.
+    """
     builder = tfds.builder(name, data_dir=data_dir)  # unknown name: TFDS's ValueError
     if builder.is_prepared():
         return builder
@@ -93,8 +127,17 @@ def _how_to_prepare(name, builder):
     return "\n".join(lines)
 
 
-def host_split(split: str, process_index: int, process_count: int):
-    """This host's part of `split`: near-equal contiguous parts, none dropped."""
+def host_split(split: str, process_index: int, process_count: int) -> str:
+    """This host's part of `split`: near-equal contiguous parts, none dropped.
+
+    Args:
+        split: A TFDS split name ('train', 'validation', ...).
+        process_index: This host's index.
+        process_count: The number of hosts.
+
+    Returns:
+        The TFDS split string of this host's part.
+    """
     return tfds.split_for_jax_process(split, process_index=process_index,
                                       process_count=process_count, drop_remainder=False)
 
