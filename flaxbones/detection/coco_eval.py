@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from numpy.typing import ArrayLike
 
 IOU_TYPES = ("bbox", "segm", "keypoints")
 DETECTION_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -227,18 +228,32 @@ def _allgather_bytes(data: bytes) -> list[bytes]:
 
 
 class CocoEvaluator:
-    """Accumulates one host's detections (and optionally ground truth) batch by batch and
-    evaluates them with COCOeval over all hosts' images.
+    """COCO evaluation (pycocotools' COCOeval) of detections in each image's original frame.
 
-    `ground_truth`: an annotation json path, a COCO dict or pycocotools COCO object, or None
-    to build it from `add_ground_truth`. `label_to_category`: the model's label -> COCO
-    category id (a dict or sequence); None: labels are the category ids (torchvision's
-    91-id convention). `categories`: the category ids of an in-memory ground truth (default:
-    those its annotations use).
+    Accumulates one host's detections (and optionally ground truth) batch by batch and
+    evaluates them over all hosts' images, so N hosts give the numbers of one. Values are
+    pycocotools' `stats`, except its -1 (no ground truth in that area range or at all),
+    reported as NaN. Needs pycocotools (the `data` extra).
+
+    Args:
+        ground_truth: An annotation json path, a COCO dict or pycocotools COCO object,
+            or None to build it from `add_ground_truth`.
+        iou_types: Any of 'bbox', 'segm', 'keypoints'.
+        label_to_category: The model's label -> COCO category id (a dict or sequence);
+            None: labels are the category ids (torchvision's 91-id convention).
+        categories: The category ids of an in-memory ground truth (default: those its
+            annotations use).
+
+    Raises:
+        ValueError: No or unknown `iou_types`, or a ground-truth file that is not valid
+            COCO json.
+        FileNotFoundError: The annotation file does not exist.
     """
 
-    def __init__(self, ground_truth=None, iou_types: Sequence[str] = ("bbox",),
-                 label_to_category=None, categories: Sequence[int] | None = None):
+    def __init__(self, ground_truth: str | os.PathLike | dict | Any = None,
+                 iou_types: Sequence[str] = ("bbox",),
+                 label_to_category: Mapping[int, int] | Sequence[int] | None = None,
+                 categories: Sequence[int] | None = None) -> None:
         unknown = [t for t in iou_types if t not in IOU_TYPES]
         if unknown or not iou_types:
             raise ValueError(f"iou_types {tuple(iou_types)}: choose from {IOU_TYPES}")
@@ -252,10 +267,22 @@ class CocoEvaluator:
         self.gt_images: list[dict] = []
         self.gt_annotations: list[dict] = []
 
-    def add(self, detections, image_ids, valid=None, original_sizes=None) -> None:
-        """One batch: `detections` a list of per-image dicts (what fb.detection.postprocess
-        returns) or a dict of (B, K, ...) arrays with `valid` (B, K); `image_ids` (B,);
-        `valid` (B,) skips padded examples; `original_sizes` (B, 2) crops batched masks."""
+    def add(self, detections: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+            image_ids: ArrayLike, valid: ArrayLike | None = None,
+            original_sizes: ArrayLike | None = None) -> None:
+        """Add one batch of detections.
+
+        Args:
+            detections: A list of per-image dicts (what `fb.detection.postprocess`
+                returns), or a dict of (B, K, ...) arrays with `valid` (B, K).
+            image_ids: (B,) int COCO image ids.
+            valid: (B,) bool; False skips padded examples. None: all are real.
+            original_sizes: (B, 2) (h, w): crops batched masks to each image.
+
+        Raises:
+            ValueError: An image id added twice, lengths that disagree, or detections
+                without the masks / keypoints an iou type needs.
+        """
         for image_id, det in _split_batch(detections, image_ids, valid, original_sizes):
             if image_id in self._seen:
                 raise ValueError(f"image id {image_id} added twice")
@@ -266,8 +293,16 @@ class CocoEvaluator:
                 self.results[t].extend(res)
 
     def add_ground_truth(self, batch: Mapping[str, Any]) -> None:
-        """One batch of ground truth in the original frame (keys of ground_truth_annotations
-        with a leading B axis, plus `valid` (B,)) for an evaluator built without a json."""
+        """Add one batch of ground truth in the original frame (evaluators without a json).
+
+        Args:
+            batch: `image_id` (B,), `original_size` (B, 2), `boxes` (B, G, 4) xyxy pixels,
+                `labels` (B, G), optional `instance_valid`, `is_crowd`, `masks`
+                (B, G, H, W), `keypoints` (B, G, 17, 3), `area`, and `valid` (B,).
+
+        Raises:
+            ValueError: The evaluator was built with a ground-truth file.
+        """
         if self._coco is not None:
             raise ValueError("this evaluator has a ground-truth file; add_ground_truth is for "
                              "ground_truth=None")
@@ -294,8 +329,19 @@ class CocoEvaluator:
         return ids, results, _load_ground_truth(coco_ground_truth(images, anns, self.categories))
 
     def evaluate(self) -> dict[str, float]:
-        """Gathers every process's images (a collective: call it on all processes) and
-        returns metric_names(t) for each iou type, the same dict on every process."""
+        """Gather every process's images and run COCOeval on them.
+
+        A collective: call it on all processes; each gets the same dict.
+
+        Returns:
+            {'bbox/AP': ..., 'segm/AP50': ...}: the 12 (10 for keypoints) COCOeval stats
+                of each iou type, NaN where pycocotools gives -1.
+
+        Raises:
+            ValueError: No images were added, an image was added on two hosts, an image id
+                is not in the ground truth, or the ground truth lacks the masks /
+                keypoints an iou type needs.
+        """
         ids, results, gt = self._gather()
         if not ids:
             raise ValueError("no images were added to the evaluator")
