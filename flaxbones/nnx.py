@@ -43,6 +43,7 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
 
     @property
     def use_running_average(self) -> bool:
+        """Eval mode as BatchNorm sees it: True unless in train mode (set it to switch)."""
         return not self.to_nnx__train
 
     @use_running_average.setter
@@ -51,6 +52,7 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
 
     @property
     def deterministic(self) -> bool:
+        """Eval mode as dropout sees it: True unless in train mode (set it to switch)."""
         return not self.to_nnx__train
 
     @deterministic.setter
@@ -69,8 +71,26 @@ class FlaxbonesNNX(nnx.bridge.ToNNX):
             if value is not None:
                 self.to_nnx__train = not value
 
-    def __call__(self, *args, train: bool | None = None, rngs=None, mutable=None,
-                 method=None, **kwargs):
+    def __call__(self, *args: Any, train: bool | None = None, rngs: Any = None,
+                 mutable: Any = None, method: Any = None, **kwargs: Any) -> Any:
+        """Run the wrapped model: `model.apply(variables, *args, train=..., **kwargs)`.
+
+        Args:
+            *args: The model's inputs (an image batch (N, H, W, 3) float; a detector's
+                image_sizes (N, 2) int32 too).
+            train: Train mode for this call; None: the module's mode (`.train()` /
+                `.eval()`). In train mode the updated BatchNorm statistics are written
+                back, and 'dropout' / 'sampling' keys drawn.
+            rngs: Rngs (or keys) for this call instead of the module's.
+            mutable: Linen collections to make mutable (default ['batch_stats'] in train
+                mode).
+            method: Call this method of the Linen module instead (plain `ToNNX` call,
+                no train handling).
+            **kwargs: The model's keyword arguments (e.g. a detector's `targets`).
+
+        Returns:
+            The model's outputs (a dict for a flaxbones model, logits under 'out').
+        """
         if method is not None:
             return super().__call__(*args, rngs=rngs, mutable=mutable, method=method, **kwargs)
         train = self.to_nnx__train if train is None else train

@@ -60,8 +60,8 @@ def preprocess(images: Any, model: str | ModelSpec | WeightSource, *, task: str 
             of (H, W, 3) float32 arrays.
 
     Raises:
-        ValueError: An unknown `task` or `interpolation`, a model without a weight
-            source, no images, an image array of another shape or dtype (or floats
+        ValueError: An unknown `task`, `interpolation` or model name, a model without a
+            weight source, no images, an image array of another shape or dtype (or floats
             outside [0, 1]), or a file that does not decode as an image.
         TypeError: `model` or an image is of an unsupported type.
         ImportError: Pillow is needed (a path, or a resize) but not installed.
@@ -140,8 +140,8 @@ def class_names(model: str | ModelSpec | WeightSource) -> list[str] | None:
             `num_classes` entries).
 
     Raises:
-        ValueError: The model has no weight source, or its `labels` names a list
-            flaxbones does not ship.
+        ValueError: An unknown model name, a model without a weight source, or `labels`
+            naming a list flaxbones does not ship.
         TypeError: `model` is none of the accepted types.
     """
     source, _ = _source_and_task(model, "classification")

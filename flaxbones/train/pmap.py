@@ -17,6 +17,8 @@ from flaxbones.train.tasks import Task
 from flaxbones.train.steps import Step, _check_options, _numbered, eval_body, train_body
 
 replicate = jax_utils.replicate
+"""`flax.jax_utils.replicate(tree, devices=None)`: a copy of `tree` on every local device (a
+leading device axis), e.g. the train state for the pmap steps; `unreplicate` undoes it."""
 
 
 def unreplicate(tree: Any) -> Any:

@@ -108,8 +108,8 @@ class LossScale(struct.PyTreeNode):
         return cls(jnp.asarray(initial, jnp.float32), jnp.zeros((), jnp.int32), period, factor)
 
     def update(self, grads_finite: jax.Array) -> "LossScale":
-        """The scale after one step: halved (not below 1) when the gradients were non-finite,
-        multiplied by `factor` after `period` finite steps.
+        """The scale after one step: divided by `factor` (not below 1) when the gradients were
+        non-finite, multiplied by it after `period` finite steps in a row.
 
         Args:
             grads_finite: bool scalar, whether this step's gradients were finite.
