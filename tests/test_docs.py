@@ -1,5 +1,6 @@
 """The documentation runs: every Python block of README.md and docs/ executes (page by page,
 as a reader would type it), the README's local links resolve, and the site builds strictly."""
+import os
 import re
 import shutil
 import subprocess
@@ -52,7 +53,8 @@ def test_local_links_resolve(page):
 def test_site_builds_strictly(tmp_path):
     """A broken link, a missing page or an API reference to nothing fails the build."""
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
-                             str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True)
+                             str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -88,7 +90,6 @@ def test_shell_commands_name_real_scripts_flags_and_config_fields():
     that exists with flags it defines and `--config.x` fields its config has: running them
     is test_experiments' job (every config trains there), drift in the docs is this test's."""
     import importlib.util
-    import os
     checked, problems = 0, []
     for where, target, args in _shell_commands():
         if target.startswith("-m"):
