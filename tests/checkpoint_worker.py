@@ -22,7 +22,10 @@ args.add_argument("--save-every", type=int, default=2)
 args.add_argument("--process", type=int, default=0)
 args.add_argument("--port", type=int, default=0)
 args = args.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+# Cheaper XLA compiles (LLVM -O0, as tests/conftest.py sets): the runs are tiny.
+os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+                           "--xla_backend_optimization_level=0 "
+                           "--xla_llvm_disable_expensive_passes=true")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -60,6 +63,7 @@ def batch_at(position):
     return images, jax.random.randint(jax.random.fold_in(key, 1), (BATCH,), 0, 4)
 
 
+@jax.jit  # one program: op by op, init compiles each of its operations on its own
 def init_state():
     variables = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
     return State(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
@@ -141,10 +145,12 @@ def main():
             run(args.directory, 10_000, save_every=10_000, guard=guard)
     elif args.mode == "multihost":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=2, process_id=args.process)
+        jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=2,
+                                   process_id=args.process)
         mesh = Mesh(np.array(jax.devices()), ("data",))
         shardings = NamedSharding(mesh, P("data"))
-        local = np.arange(16, dtype=np.float32).reshape(8, 2)[args.process * 4:(args.process + 1) * 4]
+        i = args.process
+        local = np.arange(16, dtype=np.float32).reshape(8, 2)[i * 4:(i + 1) * 4]
         tree = {"x": jax.make_array_from_process_local_data(shardings, local)}
         with Checkpoints(args.directory, save_every=1) as ckpt:
             ckpt.save(3, tree, data=3)
