@@ -34,6 +34,12 @@ from flaxbones.train.checkpoint import (Checkpoints, PreemptionGuard, abstract_s
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-host run (train.initialize) before touching devices: "
+    "the cluster is detected (TPU pods, SLURM, ...) unless the three flags below say it.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first.")
 
 
 def build_model(config):
@@ -178,7 +184,8 @@ def initial_state(config, model, policy, tx, mesh, input_shape, ckpt):
                                      policy=policy)
 
     if ckpt.latest_step is not None:
-        restored = ckpt.restore(abstract_state_like(jax.eval_shape(create)))
+        # A step left damaged (a full disk, a killed copy) falls back to the newest readable one.
+        restored = ckpt.restore(abstract_state_like(jax.eval_shape(create)), fallback=True)
         print(f"resumed from step {restored.step} in {ckpt.directory}")
         return restored.state, restored.data
     state = create()
@@ -372,6 +379,9 @@ def main(argv):
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS narrate every file at INFO
+    given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(v is not None for v in given):
+        ft.initialize(*given)
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     keys = [k for k in ("miou", "pixel_accuracy", "top1", "top5", "loss", "bbox/AP", "bbox/AP50",
                         "segm/AP", "segm/AP50", "keypoints/AP") if k in metrics]
