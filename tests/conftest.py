@@ -33,24 +33,26 @@ def _remove_module_temp_dirs(tmp_path_factory):
 # --- scheduling over the xdist workers (`--dist loadscope --no-loadscope-reorder`) -------
 # A test module is one unit of work (its module fixtures compile once), but for the two
 # modules whose tests compile independent programs: experiments' configs and remat's
-# models split into a unit each. Units run largest first (seconds measured on a cold
-# cache, 2-core CI machine), so neither worker is left with a long module at the end.
+# models split into a unit each. Units run largest first (seconds of a cold full run's
+# --durations on a 2-core machine), so neither worker is left with a long module at the end.
 # The units reach xdist through its scheduler hook, computed from the test ids: xdist's own
 # `xdist_group` marks stop grouping on pytest 9 (pytest-dev/pytest-xdist#1386), and then
 # every test runs on either worker, each setting up the module fixtures again.
 _UNIT_SECONDS = {
-    "test_experiments.py": 430, "test_detection_rcnn.py": 250,
-    "test_detection_train_engine.py": 170, "test_checkpoint.py": 165,
-    "test_detection_rcnn_train.py": 155, "test_convnext.py": 80, "test_train_parallel.py": 100,
-    "test_benchmarks.py": 85, "test_detection_onestage_train.py": 80,
-    "test_detection_train_parallel.py": 70, "test_save_weights.py": 45,
-    "config:cityscapes_deeplabv3plus_xception65": 180, "config:finetune_maskrcnn_from_coco": 95,
-    "config:coco_maskrcnn_resnet50_fpn": 90, "config:coco_fasterrcnn_mobilenet_v3_large_fpn": 85,
-    "config:demo": 75, "config:coco_retinanet_resnet50_fpn": 65, "config:shapes_classifier": 60,
-    "config:shapes_maskrcnn": 55, "config:pet_deeplabv3plus_resnet50": 55,
-    "config:imagenet_resnet50": 50, "config:cifar10_resnet18": 25,
-    "remat:googlenet": 75, "remat:mobilenet_v3_small": 65, "remat:xception": 55,
-    "remat:xception65_scan": 50, "remat:demo": 50, "remat:mobilenet_v2_050": 45,
+    "test_experiments.py": 250, "test_detection_rcnn.py": 250,
+    "test_detection_rcnn_train.py": 155, "test_detection_train_engine.py": 85,
+    "test_checkpoint.py": 75, "test_convnext.py": 80, "test_train_parallel.py": 80,
+    "test_benchmarks.py": 55, "test_detection_onestage_train.py": 80,
+    "test_detection_train_parallel.py": 50, "test_save_weights.py": 45,
+    "config:finetune_maskrcnn_from_coco": 96, "config:coco_maskrcnn_resnet50_fpn": 80,
+    "config:cityscapes_deeplabv3plus_xception65": 70,
+    "config:coco_fasterrcnn_mobilenet_v3_large_fpn": 60, "config:demo": 50,
+    "config:shapes_classifier": 50, "config:shapes_maskrcnn": 50,
+    "config:coco_retinanet_resnet50_fpn": 40, "config:pet_deeplabv3plus_resnet50": 40,
+    "config:imagenet_resnet50": 34, "config:cifar10_resnet18": 16,
+    "remat:googlenet": 40, "remat:mobilenet_v3_small": 39, "remat:demo": 38,
+    "remat:mobilenet_v2_050": 28, "remat:xception": 27, "remat:xception65_scan": 22,
+    "remat:vgg11_bn": 20,
 }
 _CONFIG_UNIT = {"transfer_shapes_from_classifier": "shapes_classifier"}
 # test_docs runs each page's code blocks as a unit of its own.
