@@ -26,7 +26,8 @@ train_data = fbd.segmentation_pipeline(TINY, train=True, **common)
 eval_data = fbd.segmentation_pipeline(TINY, train=False, **common)
 classes = [fbd.classification_pipeline(TINY, train=t, image_size=16, **common) for t in (1, 0)]
 
-model = fb.create_model("fcn", backbone="resnet18", num_classes=train_data.num_classes)
+model = fb.create_model("fcn", backbone="resnet18", num_classes=train_data.num_classes,
+                        layers=(1, 1, 1, 1))  # a block a stage: the steps' sharding is tested
 tx = train.make_optimizer("sgd", 0.01, momentum=0.9)
 state = train.create_train_state(model, tx, jax.random.PRNGKey(0), (1, 32, 32, 3), mesh,
                                  rules=train.FSDP_RULES)
