@@ -1,6 +1,7 @@
 """Subprocess side of the checkpoint tests: a tiny deterministic training run.
 
     python checkpoint_worker.py train DIR --until N [--devices D] [--save-every K]
+                                [--then DIR2:N2 ...]  (more runs, one after another)
     python checkpoint_worker.py kill-during-save DIR
     python checkpoint_worker.py sigterm DIR
     python checkpoint_worker.py restore DIR --devices D
@@ -21,6 +22,7 @@ args.add_argument("--devices", type=int, default=1)
 args.add_argument("--save-every", type=int, default=2)
 args.add_argument("--process", type=int, default=0)
 args.add_argument("--port", type=int, default=0)
+args.add_argument("--then", action="append", default=[])
 args = args.parse_args()
 # Cheaper XLA compiles (LLVM -O0, as tests/conftest.py sets): the runs are tiny.
 os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
@@ -120,9 +122,11 @@ def run(directory, until, save_every, guard=None):
 
 def main():
     if args.mode == "train":
-        state = run(args.directory, args.until, args.save_every)
-        np.savez(os.path.join(args.directory, f"final_{args.until}.npz"),
-                 *[np.asarray(x) for x in jax.tree.leaves(state)])
+        for run_args in [f"{args.directory}:{args.until}", *args.then]:
+            directory, until = run_args.rsplit(":", 1)
+            state = run(directory, int(until), args.save_every)
+            np.savez(os.path.join(directory, f"final_{until}.npz"),
+                     *[np.asarray(x) for x in jax.tree.leaves(state)])
     elif args.mode == "restore":
         mesh = Mesh(np.array(jax.devices()), ("data",))
         with Checkpoints(args.directory) as ckpt:

@@ -33,8 +33,7 @@ def leaves(path):
 
 def test_stop_and_resume_is_bit_identical(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    worker("train", straight, "--until", 4)
-    worker("train", resumed, "--until", 2)
+    worker("train", straight, "--until", 4, "--then", f"{resumed}:2")  # one process, two runs
     worker("train", resumed, "--until", 4)  # a new process resumes from step 2
     a, b = leaves(straight / "final_4.npz"), leaves(resumed / "final_4.npz")
     assert len(a) == len(b) > 10
@@ -46,7 +45,8 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
 def test_restore_onto_another_device_count(tmp_path, save_devices, restore_devices):
     worker("train", tmp_path, "--until", 2, "--devices", save_devices)
     worker("restore", tmp_path, "--devices", restore_devices)  # asserts the requested sharding
-    for x, y in zip(leaves(tmp_path / "final_2.npz"), leaves(tmp_path / f"restored_{restore_devices}.npz")):
+    for x, y in zip(leaves(tmp_path / "final_2.npz"),
+                    leaves(tmp_path / f"restored_{restore_devices}.npz")):
         np.testing.assert_array_equal(x, y)
 
 
