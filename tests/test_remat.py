@@ -17,7 +17,6 @@ from flaxbones.heads import (DeepLabV3Head, DeepLabV3PlusHead, FCNHead, LRASPPHe
                              SemanticFPNHead, UNetHead)
 from flaxbones.layers.tied import tied_checkpoint
 from flaxbones.models import Segmenter
-from torch_ref import random_variables
 
 X = np.random.default_rng(0).normal(size=(2, 128, 128, 3)).astype(np.float32)
 DEMO = {"backbone": "mobilenet_v2", "output_stride": 16, "style": "tf",
@@ -91,7 +90,21 @@ GRAD_TOL = {"demo": 3e-2}
 def _model(name):
     build, size = MODELS[name]
     model, x = build(), X[:, :size, :size - 8]
-    return model, x, random_variables(model, x[:1], scale=None)  # init's compile costs more
+    return model, x, _random_variables(model, x[:1])
+
+
+def _random_variables(model, x):
+    """torch_ref.random_variables' fill (kernels of variance 1 / fan-in, vectors 1 +
+    N(0, 0.2^2)) in float32 from numpy's fast generator: compiling `init` costs more, and
+    VGG's and AlexNet's 100M-entry classifiers take seconds in float64."""
+    rng = np.random.default_rng(0)
+
+    def fill(a):
+        std = 0.2 if a.ndim == 1 else np.float32(np.prod(a.shape[:-1]) ** -0.5)
+        out = rng.standard_normal(a.shape, np.float32)
+        out *= std
+        return out + 1 if a.ndim == 1 else out
+    return jax.tree.map(fill, jax.eval_shape(model.init, jax.random.key(0), x))
 
 
 def _remat(name, policy=None):
