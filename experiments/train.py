@@ -184,8 +184,7 @@ def initial_state(config, model, policy, tx, mesh, input_shape, ckpt):
                                      policy=policy)
 
     if ckpt.latest_step is not None:
-        # A step left damaged (a full disk, a killed copy) falls back to the newest readable one.
-        restored = ckpt.restore(abstract_state_like(jax.eval_shape(create)), fallback=True)
+        restored = ckpt.restore(abstract_state_like(jax.eval_shape(create)))
         print(f"resumed from step {restored.step} in {ckpt.directory}")
         return restored.state, restored.data
     state = create()

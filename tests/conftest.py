@@ -53,6 +53,7 @@ _UNIT_SECONDS = {
     "remat:googlenet": 52, "remat:demo": 41, "remat:mobilenet_v3_small": 37,
     "remat:mobilenet_v2_050": 31, "remat:xception": 27, "remat:vgg11_bn": 24,
     "remat:xception65_scan": 22,
+    "docs:README.md": 55, "docs:docs/models.md": 15, "docs:docs/guides/your-data.md": 15,
 }
 _CONFIG_UNIT = {"transfer_shapes_from_classifier": "shapes_classifier"}
 # test_docs runs each page's code blocks as a unit of its own.
