@@ -24,9 +24,10 @@ endless and exactly resumable: `start_batch=n` continues after n batches, cheapl
 
 Datasets: the built-in `flaxbones_shapes` (generated locally on first use) and TFDS
 datasets prepared in a `data_dir` (cifar10/100, imagenette, imagenet2012,
-oxford_iiit_pet, cityscapes, ...); nothing is downloaded here. TensorFlow is only the
-input pipeline: importing this package hides GPUs from it, so it never takes JAX's
-accelerator memory. Import it before anything else imports TensorFlow.
+oxford_iiit_pet, cityscapes, ...), or folders of your own images stored once as such a
+dataset (`store_image_folder`, `store_segmentation_folder`); nothing is downloaded here.
+TensorFlow is only the input pipeline: importing this package hides GPUs from it, so it
+never takes JAX's accelerator memory. Import it before anything else imports TensorFlow.
 """
 import importlib.util
 
@@ -49,6 +50,7 @@ from flaxbones.data.detection import (
     DetectionPipeline,
     detection_pipeline,
 )
+from flaxbones.data.folders import store_image_folder, store_segmentation_folder
 from flaxbones.data.pipeline import Pipeline, normalization, to_global
 from flaxbones.data.segmentation import segmentation_pipeline
 from flaxbones.data.sources import (
@@ -63,4 +65,5 @@ from flaxbones.data.sources import (
 __all__ = ["COCO_CATEGORY_IDS", "COCO_PERSON_KEYPOINT_FLIP", "DATASETS", "IGNORE_LABEL",
            "DatasetNotPreparedError", "DatasetSpec", "DetectionPipeline", "Pipeline", "builtin",
            "classification_pipeline", "detection_pipeline", "host_split", "load_builder",
-           "normalization", "segmentation_pipeline", "to_global"]
+           "normalization", "segmentation_pipeline", "store_image_folder",
+           "store_segmentation_folder", "to_global"]

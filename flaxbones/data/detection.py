@@ -40,10 +40,10 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from etils import epath
 from jax.sharding import Mesh
 
 from flaxbones.data import pipeline, sources
+from flaxbones.data.stored import store
 
 # TFDS coco/2017's 80 contiguous labels -> the 91-category ids of torchvision's detectors.
 COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
@@ -434,8 +434,9 @@ def store_detection_dataset(name: str, split_datasets: dict, data_dir: str, *,
     """Write raw detection examples (e.g. `flaxbones.data.coco.coco_dataset`'s, one
     unsharded dataset per split) once as a TFDS dataset in `data_dir` (a later call finds
     it there) and return its builder for `detection_pipeline(builder=...)`: the host
-    split, shuffled pieces and exact resume then work as for any TFDS dataset. Masks are stored zlib-compressed;
-    `keypoints` = K per instance; `label_names` makes 'objects/label' a ClassLabel."""
+    split, shuffled pieces and exact resume then work as for any TFDS dataset. Masks are
+    stored zlib-compressed; `keypoints` = K per instance; `label_names` makes
+    'objects/label' a ClassLabel."""
     label = (tfds.features.ClassLabel(names=list(label_names)) if label_names is not None
              else np.int64)
     objects = {"bbox": tfds.features.BBoxFeature(), "label": label, "is_crowd": np.bool_}
@@ -456,18 +457,5 @@ def store_detection_dataset(name: str, split_datasets: dict, data_dir: str, *,
             return ex
         return ds.map(select)
 
-    builder = _StoredBuilder(name=name, version=version, features=features, data_dir=data_dir,
-                             split_datasets={s: raw(ds) for s, ds in split_datasets.items()})
-    if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    return builder
-
-
-class _StoredBuilder(tfds.dataset_builders.AdhocBuilder):
-    """TFDS's AdhocBuilder, without its code_path lookup (it needs `importlib_resources`)."""
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        return epath.Path(__file__)
+    return store(name, features, {s: raw(ds) for s, ds in split_datasets.items()}, data_dir,
+                 version=version)
