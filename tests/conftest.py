@@ -53,7 +53,9 @@ _UNIT_SECONDS = {
     "remat:googlenet": 52, "remat:demo": 41, "remat:mobilenet_v3_small": 37,
     "remat:mobilenet_v2_050": 31, "remat:xception": 27, "remat:vgg11_bn": 24,
     "remat:xception65_scan": 22,
-    "docs:README.md": 55, "docs:docs/models.md": 15, "docs:docs/guides/your-data.md": 15,
+    "docs:README.md": 130, "docs:docs/guides/your-data.md": 25,
+    "docs:docs/guides/checkpoints.md": 25, "docs:docs/guides/finetuning.md": 20,
+    "docs:docs/models.md": 15, "docs:docs/training.md": 14,
 }
 _CONFIG_UNIT = {"transfer_shapes_from_classifier": "shapes_classifier"}
 # test_docs runs each page's code blocks as a unit of its own.

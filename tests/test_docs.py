@@ -1,5 +1,6 @@
-"""The documentation runs: every Python block of README.md and docs/ executes (page by page,
-as a reader would type it), the README's local links resolve, and the site builds strictly."""
+"""The documentation runs: every Python and shell block of README.md and docs/ executes
+(page by page, as a reader would type it; experiments/ commands at test size), the local
+links resolve, and the site builds strictly."""
 import os
 import re
 import shutil
@@ -8,7 +9,8 @@ import sys
 
 import pytest
 
-from docs_blocks import ROOT, BlockFailed, blocks_of, doc_pages, page_id, run_blocks, runnable
+from docs_blocks import (ROOT, BlockFailed, blocks_of, doc_pages, page_id, run_blocks, runnable,
+                         shell_commands)
 
 PAGES = doc_pages()
 
@@ -28,6 +30,22 @@ def test_a_broken_example_fails_and_names_its_line(tmp_path):
     assert [b.kind for b in runnable(blocks)] == ["python", "python"]  # the sketch is not run
     with pytest.raises(BlockFailed, match=r"broken\.md:16: .*AssertionError"):
         run_blocks(blocks, tmp_path)
+
+
+def test_a_broken_command_fails_and_names_it(tmp_path):
+    """Shell blocks run: a misspelt config field stops the command (absl parses it as
+    train.py would), and a command the tests cannot run needs a skipped block."""
+    page = ("```bash\npython experiments/train.py --config=experiments/configs/tiny.py \\\n"
+            "    --config.batch_sise=2 --workdir=w   # a typo\n```\n")
+    with pytest.raises(BlockFailed, match=r"<page>:2: .*`python experiments/train\.py "
+                                          r"--config=\S+ --config\.batch_sise=2 --workdir=w`"):
+        run_blocks(blocks_of(page), tmp_path)
+    with pytest.raises(BlockFailed, match="cannot run `make`"):
+        run_blocks(blocks_of("```bash\nmake html\n```\n"), tmp_path)
+    with pytest.raises(BlockFailed, match="runs no command the tests can run"):
+        run_blocks(blocks_of("```bash\npip install flaxbones\n```\n"), tmp_path)
+    commands = shell_commands("A=1 python x.py --f='{\"a\": 1}' &  # c\nsleep 1; wait")
+    assert commands == [["python", "x.py", '--f={"a": 1}'], ["sleep", "1"], ["wait"]]
 
 
 def test_hidden_setup_runs_and_a_skip_needs_a_reason(tmp_path):
@@ -86,9 +104,9 @@ def _config_has(config, path):
 
 
 def test_shell_commands_name_real_scripts_flags_and_config_fields():
-    """Every `python experiments/...`, `python -m ...` command of the docs runs a script
-    that exists with flags it defines and `--config.x` fields its config has: running them
-    is test_experiments' job (every config trains there), drift in the docs is this test's."""
+    """Every `python experiments/...`, `python -m ...` command of the docs, skipped blocks
+    included, names a script that exists with flags it defines and `--config.x` fields its
+    config has (the blocks that are not skipped also run, in test_page_code_runs)."""
     import importlib.util
     checked, problems = 0, []
     for where, target, args in _shell_commands():

@@ -1,6 +1,5 @@
 """experiments/: every config trains and evaluates, a run resumes, pictures, predict, bad input."""
 import contextlib
-import functools
 import importlib
 import importlib.util
 import json
@@ -11,52 +10,19 @@ import pathlib
 import shutil
 import subprocess
 import sys
-from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "experiments")
-CONFIGS = os.path.join(EXPERIMENTS, "configs")
-sys.path.insert(0, CONFIGS)  # configs import `common`
+from experiment_runs import (CONFIGS, EXPERIMENTS, RCNN_TEST_SIZES, ROOT, TEST_MODEL_KWARGS,
+                             at_test_size, dataset_of, load_config, load_module)
+
 CONFIG_NAMES = sorted(p.stem for p in pathlib.Path(CONFIGS).glob("*.py") if p.stem != "common")
 SHAPES = ("background", "circle", "square", "triangle")
 # What a config test may not change: the run it describes, but for its sizes and data.
 RECIPE = ("task", "model", "model_kwargs", "normalize_like", "num_classes", "optimizer",
           "precision", "aux_weight", "label_smoothing", "bn_mode", "init_from_model")
-
-
-# torchvision's per-image counts (2000 proposals, 512 RoIs of which 128 reach the mask head)
-# sized for 64 px test images, where those defaults would make a step take a minute on CPU.
-# A config test may add them when the config does not set them (they are sizes, not recipe).
-RCNN_TEST_SIZES = dict(rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
-                       rpn_pre_nms_top_n=150, rpn_post_nms_top_n=100,
-                       box_batch_size_per_image=64, detections_per_img=20)
-
-# The configs' large models compile in a third less time with lax's convolutions than with
-# the CPU rewrites (tested on their own in test_layers): the config tests run them so, but
-# for the demo's and the tiny configs, which keep the default a CPU user gets.
-TEST_MODEL_KWARGS = dict(cpu_kernels=False)
-CPU_KERNEL_CONFIGS = ("demo", "tiny")
-
-
-@functools.cache
-def load_module(name):
-    """experiments/`name`.py as a module, executed once per process: train.py and
-    predict.py define absl flags, and this module's tests run in several units of work
-    (tests/conftest.py), so its module fixtures may be set up more than once."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_config(name, **overrides):
-    config = importlib.import_module(name).get_config()
-    config.update(overrides)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -82,45 +48,6 @@ def trained(train, data_dir, tmp_path_factory):
     second = train.train_and_evaluate(
         load_config("tiny", data_dir=data_dir, num_steps=6, eval_every=6), workdir)
     return workdir, first, second
-
-
-def at_test_size(name, data_dir):
-    """Config `name` with its own recipe (RECIPE keys) at test size: batch 2, two train
-    steps, one evaluation, the built-in dataset's 32 px build. Segmenters train on 32 px
-    crops and evaluate on canvases of the config's aspect, classifiers see 64 px: at output
-    stride 16 (32) that leaves BatchNorm 2x2 maps, the smallest that train: at 1x1 a batch
-    of 2 normalises 2 values per channel and the gradients overflow."""
-    config = load_config(name, batch_size=2, num_steps=2, log_every=1, eval_every=2,
-                         checkpoint_every=2, num_pictures=2, data_dir=data_dir)
-    if name not in CPU_KERNEL_CONFIGS:
-        config.model_kwargs.update(TEST_MODEL_KWARGS)
-    if config.task == "detection":  # the 64 px instances build, as it is
-        config.detection.update(min_size=64, max_size=64, pad_size=64, label_offset=1,
-                                label_map="")
-        if "rcnn" in config.model:  # proposal and RoI counts for 64 px images
-            config.model_kwargs.update({k: v for k, v in RCNN_TEST_SIZES.items()
-                                        if k not in config.model_kwargs})
-        config.dataset = "flaxbones_shapes/instances_tiny"
-        return config
-    h, w = importlib.import_module("common").pair(config.eval_size)
-    config.update(image_size=64, crop_size=32, eval_size=(32, round(32 * w / h)))
-    if config.dataset.startswith("flaxbones_shapes"):
-        config.dataset = "flaxbones_shapes/tiny"
-    return config
-
-
-@contextlib.contextmanager
-def dataset_of(config):
-    """The built-in dataset as it is; any other as TFDS mock data (2 examples a split),
-    its builder reporting itself prepared. Oxford pets' trimaps need values 1..3."""
-    if config.dataset.startswith("flaxbones_shapes"):
-        yield
-        return
-    import tensorflow_datasets as tfds
-    options = {"oxford_iiit_pet": dict(max_value=4)}.get(config.dataset, {})
-    with mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True), \
-            tfds.testing.mock_data(num_examples=2, **options):
-        yield
 
 
 def torch_weights(name, directory):
@@ -230,7 +157,8 @@ def test_second_invocation_resumed(trained, capsys):
     with Checkpoints(workdir / "checkpoints") as ckpt:
         meta = ckpt.read_meta()
         assert ckpt.latest_step == 6
-    assert meta["model"] == "deeplabv3plus" and meta["model_kwargs"]["backbone"] == "mobilenet_v2_050"
+    assert meta["model"] == "deeplabv3plus"
+    assert meta["model_kwargs"]["backbone"] == "mobilenet_v2_050"
     assert meta["config"]["num_steps"] == 6
 
 
@@ -475,3 +403,4 @@ def test_detection_run_stopped_and_resumed_in_a_new_process_is_bit_identical(dat
     assert len(straight) == len(resumed) > 100
     for a, b in zip(straight, resumed):
         np.testing.assert_array_equal(a, b)
+

@@ -18,7 +18,8 @@ timm = pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 from torchvision.models import get_model_weights  # noqa: E402
 
-from test_experiments import load_module, traces_of  # noqa: E402  (predict.py's flags: once)
+from experiment_runs import load_module  # noqa: E402  (predict.py's flags: once a process)
+from test_experiments import traces_of  # noqa: E402
 from torch_ref import randomize, save_state  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
