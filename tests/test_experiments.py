@@ -404,3 +404,30 @@ def test_detection_run_stopped_and_resumed_in_a_new_process_is_bit_identical(dat
     for a, b in zip(straight, resumed):
         np.testing.assert_array_equal(a, b)
 
+
+def test_two_hosts_train_as_one_run_with_the_coordinator_flags(trained, data_dir, tmp_path):
+    """experiments/train.py --coordinator_address/--num_processes/--process_id: two
+    processes of two CPU devices each (as on two hosts) train the tiny config as one run:
+    the same final evaluation in both, one set of checkpoints and one metrics log."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT,
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
+    hosts = [subprocess.Popen(
+        [sys.executable, os.path.join(EXPERIMENTS, "train.py"),
+         f"--config={os.path.join(CONFIGS, 'tiny.py')}", f"--workdir={tmp_path}",
+         f"--config.data_dir={data_dir}", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outs = [host.communicate(timeout=600) for host in hosts]
+    for host, (_, err) in zip(hosts, outs):
+        assert host.returncode == 0, err[-3000:]
+    finals = [next(line for line in out.splitlines() if line.startswith("final eval"))
+              for out, _ in outs]
+    assert finals[0] == finals[1], finals
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 2), ("train", 4), ("eval", 4)]
