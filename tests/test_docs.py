@@ -147,3 +147,39 @@ def test_shell_commands_name_real_scripts_flags_and_config_fields():
                 problems.append(f"{where}: {script.name} defines no flag --{name}")
         checked += 1
     assert checked >= 10 and not problems, problems
+
+
+API_MODULES = ("flaxbones", "flaxbones.train", "flaxbones.data", "flaxbones.detection",
+               "flaxbones.train.checkpoint")
+
+
+def test_every_public_name_is_in_the_api_reference_with_its_arguments_documented():
+    """A new public function or class (a module's __all__, or its public definitions)
+    must be on an API page (`::: module.name`, or its submodule's members there) with a
+    docstring, and a function's arguments under `Args:`: the reference cannot drift."""
+    import importlib
+    import inspect
+    api = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    referenced = set(re.findall(r"^::: ([\w.]+)", api, re.M))
+    problems = []
+    for module_name in API_MODULES:
+        module = importlib.import_module(module_name)
+        names = getattr(module, "__all__", None) or [
+            n for n, obj in vars(module).items() if not n.startswith("_")
+            and getattr(obj, "__module__", None) == module_name]
+        for name in names:
+            obj, full = getattr(module, name), f"{module_name}.{name}"
+            if inspect.ismodule(obj):
+                if not any(r == obj.__name__ or r.startswith(obj.__name__ + ".")
+                           for r in referenced):
+                    problems.append(f"{full}: no member of it on an API page")
+                continue
+            if full not in referenced:
+                problems.append(f"{full}: not on an API page")
+            doc = inspect.getdoc(obj) or ""
+            if callable(obj) and not doc:
+                problems.append(f"{full}: no docstring")
+            if inspect.isfunction(obj) and set(inspect.signature(obj).parameters) - {"self"} \
+                    and "Args:" not in doc:
+                problems.append(f"{full}: its arguments are not under Args:")
+    assert not problems, "\n".join(problems)
