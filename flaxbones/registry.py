@@ -58,9 +58,22 @@ def classifier_preset(name: str):
                 ClassifierPreset())
 
 
+def _origin(builder) -> tuple:
+    """Where a builder is defined (a partial: its function and arguments): the same origin
+    registered again is a notebook cell run twice or a module reloaded, not a clash."""
+    func = getattr(builder, "func", builder)
+    return (getattr(func, "__module__", None), getattr(func, "__qualname__", repr(func)),
+            getattr(builder, "args", ()), getattr(builder, "keywords", {}))
+
+
 def _add(table, spec):
-    if spec.name in _BACKBONES or spec.name in _MODELS:
-        raise ValueError(f"model name {spec.name!r} is registered twice")
+    existing = _BACKBONES.get(spec.name) or _MODELS.get(spec.name)
+    if existing is not None:
+        if existing.family != spec.family or _origin(existing.builder) != _origin(spec.builder):
+            where = ".".join(_origin(existing.builder)[:2])
+            raise ValueError(f"model name {spec.name!r} is already registered (family "
+                             f"{existing.family!r}, {where}); pick another name")
+        (_BACKBONES if spec.name in _BACKBONES else _MODELS).pop(spec.name)
     table[spec.name] = spec
 
 

@@ -68,3 +68,34 @@ def test_models_compose_inside_a_users_own_module():
     params = jax.eval_shape(Setup().init, jax.random.PRNGKey(0), x)["params"]
     assert sorted(params) == ["clf"] and sorted(params["clf"]) == ["backbone", "head"]
     assert fb.create_model("resnet18", name="top").name == "top"
+
+
+def test_a_name_registered_again_by_its_own_definition_is_replaced_by_another_refused():
+    """A notebook cell run twice (the same function, or the same partial) re-registers its
+    name; a different builder under a taken name, or a built-in name, is refused."""
+    import functools
+
+    from flaxbones import registry
+    from flaxbones.backbones.resnet import BasicBlock, ResNet
+
+    source = ("def shadow_net(**kw):\n"
+              "    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), **kw)\n")
+    try:
+        for _ in range(2):  # the cell, run twice: two distinct function objects
+            namespace = {"ResNet": ResNet, "BasicBlock": BasicBlock, "__name__": "__main__"}
+            exec(source, namespace)
+            registry.register_backbone("test_family")(namespace["shadow_net"])
+        assert fb.create_backbone("shadow_net").layers == (1, 1, 1, 1)
+        for _ in range(2):
+            registry.register_variants("test_family", {
+                "shadow_net_2": functools.partial(ResNet, block=BasicBlock, layers=(2, 1, 1, 1))})
+        with pytest.raises(ValueError, match=r"'shadow_net_2' is already registered "
+                                             r"\(family 'test_family'"):
+            registry.register_variants("test_family", {
+                "shadow_net_2": functools.partial(ResNet, block=BasicBlock, layers=(1, 2, 1, 1))})
+        with pytest.raises(ValueError, match="'resnet18' is already registered"):
+            registry.register_variants("test_family", {"resnet18": ResNet})
+        assert fb.create_backbone("resnet18").layers == (2, 2, 2, 2)
+    finally:
+        for name in ("shadow_net", "shadow_net_2"):
+            registry._BACKBONES.pop(name, None)
