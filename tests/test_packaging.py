@@ -27,7 +27,7 @@ with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
 CORE_IMPORTS = {"jax": "jax", "flax": "flax", "optax": "optax", "orbax": "orbax-checkpoint",
                 "numpy": "numpy", "safetensors": "safetensors"}
 DATA_IMPORTS = {"tensorflow": "tensorflow-cpu", "tensorflow_datasets": "tensorflow-datasets",
-                "etils": "etils", "pycocotools": "pycocotools"}
+                "etils": "etils", "pycocotools": "pycocotools", "PIL": "pillow"}
 EXPERIMENTS_IMPORTS = {"ml_collections": "ml-collections", "absl": "absl-py",
                        "matplotlib": "matplotlib", "PIL": "pillow", "tqdm": "tqdm"}
 # The core may import these inside a function only, for one optional feature: torch reads
