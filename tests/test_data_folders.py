@@ -35,11 +35,11 @@ def _read(builder, split):
 
 def test_classification_folder_reads_back_as_pil_sees_the_files(flowers, tmp_path):
     root, files = flowers
-    builder = fbd.store_image_folder(root, "my_flowers", str(tmp_path))
+    builder = fbd.store_image_folder(root, "folder_test_flowers", str(tmp_path))
     assert builder.info.features["label"].names == CLASSES
     assert {s: builder.info.splits[s].num_examples for s in ("train", "test")} == \
         {"train": 4, "test": 2}
-    again = fbd.load_builder("my_flowers", str(tmp_path))  # by name, as another process would
+    again = fbd.load_builder("folder_test_flowers", str(tmp_path))  # by name
     decoded = {}
     for split in ("train", "test"):
         for ex in _read(again, split):
@@ -51,11 +51,11 @@ def test_classification_folder_reads_back_as_pil_sees_the_files(flowers, tmp_pat
         expected = np.asarray(Image.open(root / rel).convert("RGB"))
         assert any(np.array_equal(expected, got) for got in decoded["/".join(
             rel.split("/")[:2])]), rel
-    batch = next(iter(fbd.classification_pipeline("my_flowers", data_dir=str(tmp_path),
+    batch = next(iter(fbd.classification_pipeline("folder_test_flowers", data_dir=str(tmp_path),
                                                   batch_size=2, train=False, image_size=16,
                                                   model="resnet18")))
     assert batch["image"].shape == (2, 16, 16, 3)
-    assert fbd.store_image_folder(root, "my_flowers", str(tmp_path)).is_prepared()
+    assert fbd.store_image_folder(root, "folder_test_flowers", str(tmp_path)).is_prepared()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def scenes(tmp_path_factory):
 
 def test_segmentation_folder_keeps_class_ids_exact(scenes, tmp_path):
     root, masks = scenes
-    builder = fbd.store_segmentation_folder(root, "my_scenes", str(tmp_path),
+    builder = fbd.store_segmentation_folder(root, "folder_test_scenes", str(tmp_path),
                                             splits={"train": "train", "validation": "val"})
     assert {s: builder.info.splits[s].num_examples for s in ("train", "validation")} == \
         {"train": 2, "validation": 1}
@@ -91,15 +91,17 @@ def test_segmentation_folder_keeps_class_ids_exact(scenes, tmp_path):
     assert stored == sorted(m.tobytes() for m in masks.values())
     spec = fbd.DatasetSpec(segmentation_key="segmentation_mask",
                            segmentation_classes=("background", "a", "b"), eval_split="validation")
-    batch = next(iter(fbd.segmentation_pipeline("my_scenes", data_dir=str(tmp_path), spec=spec,
-                                                batch_size=2, train=True, crop_size=16,
-                                                model="resnet18")))
+    batch = next(iter(fbd.segmentation_pipeline("folder_test_scenes", data_dir=str(tmp_path),
+                                                spec=spec, batch_size=2, train=True,
+                                                crop_size=16, model="resnet18")))
     assert batch["segmentation"].shape == (2, 16, 16)
     assert set(np.unique(batch["segmentation"])) <= {0, 1, 2, 255}
 
 
 def test_bad_folders_are_named(scenes, tmp_path):
     root, _ = scenes
+    with pytest.raises(ValueError, match="'cifar10' is the name of a TFDS dataset builder"):
+        fbd.store_image_folder(root.parent, "cifar10", str(tmp_path))  # it would read as CIFAR
     with pytest.raises(FileNotFoundError, match="no folder"):
         fbd.store_image_folder(tmp_path / "nowhere", "x", str(tmp_path))
     (tmp_path / "empty" / "train" / "cats").mkdir(parents=True)

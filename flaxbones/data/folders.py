@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flaxbones.data.stored import store
+from flaxbones.data.stored import check_name, store
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 """The image files a folder may hold (case-insensitive); other files are ignored."""
@@ -62,7 +62,9 @@ def store_image_folder(root: str | pathlib.Path, name: str, data_dir: str, *,
     Raises:
         FileNotFoundError: `root`, a split folder, or any image in a class folder is
             missing.
+        ValueError: `name` is a TFDS builder's (it would read back as that dataset).
     """
+    check_name(name)
     folders = _split_folders(root, splits)
     classes = sorted({c.name for f in folders.values() for c in f.iterdir() if c.is_dir()})
     if not classes:
@@ -127,8 +129,10 @@ def store_segmentation_folder(root: str | pathlib.Path, name: str, data_dir: str
     Raises:
         FileNotFoundError: A split, image or mask folder is missing, or an image has no
             mask or a mask no image (every one is named).
-        ValueError: A mask is not one channel, not its image's size, or above 255.
+        ValueError: A mask is not one channel, not its image's size, or above 255; or
+            `name` is a TFDS builder's (it would read back as that dataset).
     """
+    check_name(name)
     examples = {}
     for split, folder in _split_folders(root, splits).items():
         for sub in (images, masks):
