@@ -19,7 +19,7 @@ PAGES = doc_pages()
 def test_page_code_runs(page, tmp_path):
     blocks = blocks_of(page.read_text(), page_id(page))
     if not runnable(blocks):
-        pytest.skip("no Python blocks")
+        pytest.skip("no blocks to run (none, or all skipped with a reason)")
     run_blocks(blocks, tmp_path)
 
 
