@@ -162,11 +162,12 @@ def run_blocks(blocks: list[Block], workdir: Path) -> dict:
     namespace = {"__name__": "__docs__"}
     cwd = os.getcwd()
     os.chdir(workdir)
+    to_run = runnable(blocks)
     link = Path(workdir) / "experiments"  # the commands name experiments/...
-    if any(b.kind in SHELL for b in runnable(blocks)) and not link.exists():
+    if any(b.kind in SHELL for b in to_run) and not link.exists():
         link.symlink_to(ROOT / "experiments")
     try:
-        for block in runnable(blocks):
+        for block in to_run:
             # Line numbers in tracebacks are the page's own.
             code = "\n" * (block.line - 1) + block.code
             try:

@@ -78,9 +78,10 @@ def at_test_size(name, data_dir):
 def _prepared(config) -> bool:
     import flaxbones.data as fbd
     try:
-        return fbd.load_builder(config.dataset, config.data_dir or None).is_prepared()
-    except Exception:  # not registered, or not stored in data_dir
+        fbd.load_builder(config.dataset, config.data_dir or None)  # raises unless prepared
+    except (fbd.DatasetNotPreparedError, ValueError):  # not stored there, or no such name
         return False
+    return True
 
 
 @contextlib.contextmanager

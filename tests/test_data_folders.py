@@ -56,6 +56,9 @@ def test_classification_folder_reads_back_as_pil_sees_the_files(flowers, tmp_pat
                                                   model="resnet18")))
     assert batch["image"].shape == (2, 16, 16, 3)
     assert fbd.store_image_folder(root, "folder_test_flowers", str(tmp_path)).is_prepared()
+    # stored: a second call reads no source files (the folder could be gone)
+    again = fbd.store_image_folder(tmp_path / "gone", "folder_test_flowers", str(tmp_path))
+    assert again.info.features["label"].names == CLASSES
 
 
 @pytest.fixture(scope="module")

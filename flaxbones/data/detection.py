@@ -457,5 +457,6 @@ def store_detection_dataset(name: str, split_datasets: dict, data_dir: str, *,
             return ex
         return ds.map(select)
 
-    return store(name, features, {s: raw(ds) for s, ds in split_datasets.items()}, data_dir,
+    return store(name, data_dir,
+                 lambda: (features, {s: raw(ds) for s, ds in split_datasets.items()}),
                  version=version)

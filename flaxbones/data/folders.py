@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flaxbones.data.stored import check_name, store
+from flaxbones.data.stored import store
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 """The image files a folder may hold (case-insensitive); other files are ignored."""
@@ -64,25 +64,27 @@ def store_image_folder(root: str | pathlib.Path, name: str, data_dir: str, *,
             missing.
         ValueError: `name` is a TFDS builder's (it would read back as that dataset).
     """
-    check_name(name)
-    folders = _split_folders(root, splits)
-    classes = sorted({c.name for f in folders.values() for c in f.iterdir() if c.is_dir()})
-    if not classes:
-        raise FileNotFoundError(f"{str(root)!r} has no class folders: expected "
-                                f"root/<split>/<class>/<image>")
-    examples = {}
-    for split, folder in folders.items():
-        files = [(path, c) for c in classes if (folder / c).is_dir()
-                 for path in _images_in(folder / c)]
-        if not files:
-            raise FileNotFoundError(f"split folder {str(folder)!r} holds no image files "
-                                    f"({', '.join(IMAGE_SUFFIXES)}) in class folders")
-        examples[split] = [(str(path.relative_to(folder)), {"image": path, "label": c})
-                           for path, c in files]
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(names=classes)})
-    return store(name, features, examples, data_dir, version=version)
+    def make():
+        folders = _split_folders(root, splits)
+        classes = sorted({c.name for f in folders.values() for c in f.iterdir() if c.is_dir()})
+        if not classes:
+            raise FileNotFoundError(f"{str(root)!r} has no class folders: expected "
+                                    f"root/<split>/<class>/<image>")
+        out = {}
+        for split, folder in folders.items():
+            files = [(path, c) for c in classes if (folder / c).is_dir()
+                     for path in _images_in(folder / c)]
+            if not files:
+                raise FileNotFoundError(f"split folder {str(folder)!r} holds no image files "
+                                        f"({', '.join(IMAGE_SUFFIXES)}) in class folders")
+            out[split] = [(str(path.relative_to(folder)), {"image": path, "label": c})
+                          for path, c in files]
+        features = tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=classes)})
+        return features, out
+
+    return store(name, data_dir, make, version=version)
 
 
 def _mask_array(path: pathlib.Path, image_path: pathlib.Path) -> np.ndarray:
@@ -132,24 +134,27 @@ def store_segmentation_folder(root: str | pathlib.Path, name: str, data_dir: str
         ValueError: A mask is not one channel, not its image's size, or above 255; or
             `name` is a TFDS builder's (it would read back as that dataset).
     """
-    check_name(name)
-    examples = {}
-    for split, folder in _split_folders(root, splits).items():
-        for sub in (images, masks):
-            if not (folder / sub).is_dir():
-                raise FileNotFoundError(f"no folder {str(folder / sub)!r}")
-        image_files = {p.stem: p for p in _images_in(folder / images)}
-        mask_files = {p.stem: p for p in _images_in(folder / masks)}
-        unmatched = sorted(set(image_files) ^ set(mask_files))
-        if unmatched or not image_files:
-            raise FileNotFoundError(
-                f"{str(folder)!r}: every image needs a mask of the same name, and the split "
-                f"at least one; unmatched: {unmatched[:10]}{' ...' if len(unmatched) > 10 else ''}")
-        examples[split] = [(stem, {"image": image_files[stem],
-                                   "segmentation_mask": _mask_array(mask_files[stem],
-                                                                    image_files[stem])})
-                           for stem in sorted(image_files)]
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "segmentation_mask": tfds.features.Image(shape=(None, None, 1))})
-    return store(name, features, examples, data_dir, version=version)
+    def make():
+        out = {}
+        for split, folder in _split_folders(root, splits).items():
+            for sub in (images, masks):
+                if not (folder / sub).is_dir():
+                    raise FileNotFoundError(f"no folder {str(folder / sub)!r}")
+            image_files = {p.stem: p for p in _images_in(folder / images)}
+            mask_files = {p.stem: p for p in _images_in(folder / masks)}
+            unmatched = sorted(set(image_files) ^ set(mask_files))
+            if unmatched or not image_files:
+                more = " ..." if len(unmatched) > 10 else ""
+                raise FileNotFoundError(
+                    f"{str(folder)!r}: every image needs a mask of the same name, and the "
+                    f"split at least one; unmatched: {unmatched[:10]}{more}")
+            out[split] = [(stem, {"image": image_files[stem],
+                                  "segmentation_mask": _mask_array(mask_files[stem],
+                                                                   image_files[stem])})
+                          for stem in sorted(image_files)]
+        features = tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "segmentation_mask": tfds.features.Image(shape=(None, None, 1))})
+        return features, out
+
+    return store(name, data_dir, make, version=version)

@@ -22,15 +22,19 @@ def check_name(name: str) -> None:
                          f"class defined in this process); store these examples under another")
 
 
-def store(name: str, features, split_examples: dict, data_dir: str, *,
-          version: str = "1.0.0") -> tfds.core.DatasetBuilder:
-    """Write {split: tf.data.Dataset or iterable of (key, example)} as the TFDS dataset
-    `name` (`features` a FeaturesDict) in `data_dir` unless it is there; its builder.
-    A name TFDS has a builder class for is refused (check_name)."""
+def store(name: str, data_dir: str, make, *, version: str = "1.0.0") -> tfds.core.DatasetBuilder:
+    """The TFDS dataset `name` in `data_dir`, written first from `make()` unless it is
+    there: `make` returns (FeaturesDict, {split: tf.data.Dataset or iterable of (key,
+    example)}) and is called only then, so a second call reads no source files. A name
+    TFDS has a builder class for is refused first (check_name)."""
     check_name(name)
+    probe = StoredBuilder(name=name, version=version, data_dir=data_dir, split_datasets={},
+                          features=tfds.features.FeaturesDict({}))
+    if probe.is_prepared():
+        return tfds.builder_from_directory(probe.data_dir)
+    features, split_examples = make()
     builder = StoredBuilder(name=name, version=version, features=features, data_dir=data_dir,
                             split_datasets=split_examples)
-    if not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return builder
